@@ -1,0 +1,79 @@
+"""Composes a flow's config with Hydra and validates it against the typed schema.
+
+Besides the CLI shims, this is the only module that knows about Hydra: flows take JSON-friendly
+parameters (an environment and a list of overrides) and call `load_config` themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mlops.config import Config, ConfigError, validate_config
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def load_config(config_name: str, env: str, overrides: list[str]) -> Config:
+    """Compose `conf/<config_name>.yaml` with `env=<env>` and `overrides`, then validate it."""
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            cfg = compose(config_name, overrides=[f"env={env}", *overrides])
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError([str(error).strip()]) from None
+    return to_config(cfg)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Resolve interpolations (environment variables included) and validate."""
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", "") or "<config>"
+        raise ConfigError([f"{key}: {error.msg if hasattr(error, 'msg') else error}"]) from None
+    raw.pop("hydra", None)
+    return validate_config(raw)
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(config.model_dump(mode="json")))
+
+
+def run_cli(config_name: str, run: Callable[[str, list[str]], object]) -> None:
+    """Hydra's command line (overrides, --cfg, --help, -m sweeps) in front of a flow.
+
+    Hydra only parses and composes here: every job's config is validated first, then the flow
+    runs once per job with that job's overrides, the same call a Prefect deployment makes.
+    """
+    jobs: list[tuple[str, list[str]]] = []
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
+    def collect(cfg: DictConfig) -> None:
+        overrides = list(HydraConfig.get().overrides.task)
+        try:
+            to_config(cfg)
+        except ConfigError as error:
+            where = f" (job {' '.join(overrides)})" if overrides else ""
+            print(f"error: {error}{where}", file=sys.stderr)
+            sys.exit(2)
+        env = HydraConfig.get().runtime.choices["env"]
+        jobs.append((env, [o for o in overrides if not o.startswith("env=")]))
+
+    collect()
+    failed = 0
+    for env, overrides in jobs:
+        try:
+            run(env, overrides)
+        except Exception as error:  # the flow already logged the details
+            print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+            failed += 1
+    if failed:
+        sys.exit(1)

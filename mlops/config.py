@@ -1,0 +1,170 @@
+"""The typed schema every composed config is validated against before anything runs.
+
+Hydra composes YAML into a plain dict; `validate_config` turns it into `Config` or raises
+`ConfigError` listing every problem by its dotted key path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(Section):
+    workspace: Path
+
+    @field_validator("workspace")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = Field(min_length=1)
+    artifact_location: str | None = None
+    experiment: str = Field(min_length=1)
+    registered_model: str = Field(min_length=1)
+    candidate_alias: str = Field(min_length=1)
+    production_alias: str = Field(min_length=1)
+
+
+class DvcConfig(Section):
+    repo: Path
+    remote: str = Field(min_length=1)
+
+
+class ValidationPolicy(Section):
+    policy: Literal["fail", "quarantine"]
+    allowed_modes: list[str] = Field(min_length=1)
+    min_image_size: int = Field(ge=1)
+    min_images_per_class: int = Field(ge=3)
+    max_class_imbalance: float = Field(ge=1.0)
+
+
+class DataConfig(Section):
+    source: Literal["digits", "imagefolder"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: Path | None = None
+    version: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    input_size: int = Field(ge=8, le=1024)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    val_fraction: float = Field(gt=0.0, lt=0.5)
+    test_fraction: float = Field(gt=0.0, lt=0.5)
+    max_per_class: int | None = Field(default=None, ge=3)
+    validation: ValidationPolicy
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError("every std value must be > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _source_path(self) -> DataConfig:
+        if self.source == "imagefolder" and self.path is None:
+            raise ValueError("source 'imagefolder' needs data.path")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = Field(min_length=1)
+    weights_path: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from torchvision.models import list_models
+
+        known = list_models()
+        if value not in known:
+            close = [m for m in known if value.split("_")[0] in m][:5]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"'{value}' is not in torchvision's model registry{hint}")
+        return value
+
+    @field_validator("weights_path")
+    @classmethod
+    def _weights_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+
+class TrainConfig(Section):
+    max_epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0.0)
+    weight_decay: float = Field(ge=0.0)
+    optimizer: Literal["adam", "adamw", "sgd"]
+    num_workers: int = Field(ge=0)
+    hflip: bool
+    accelerator: str
+    devices: int | str | list[int]
+    strategy: str
+    num_nodes: int = Field(ge=1)
+    precision: str
+    deterministic: bool
+    progress_bar: bool
+
+
+class ExportConfig(Section):
+    opset: int = Field(ge=13, le=23)
+    parity_atol: float = Field(gt=0.0)
+    parity_rtol: float = Field(ge=0.0)
+    parity_images: int = Field(ge=1)
+    latency_images: int = Field(ge=1)
+
+
+class Thresholds(Section):
+    min_accuracy: float = Field(ge=0.0, le=1.0)
+    min_class_recall: float = Field(ge=0.0, le=1.0)
+    max_recall_gap: float = Field(ge=0.0, le=1.0)
+    max_p95_latency_ms: float = Field(gt=0.0)
+    max_accuracy_drop: float = Field(ge=0.0, le=1.0)
+    max_macro_f1_drop: float = Field(ge=0.0, le=1.0)
+
+
+class Config(Section):
+    environment: str = Field(min_length=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(ge=0)
+    force: bool
+    paths: PathsConfig
+    mlflow: MlflowConfig
+    dvc: DvcConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    export: ExportConfig
+    thresholds: Thresholds
+
+
+class ConfigError(ValueError):
+    """A config that does not match the schema; `problems` are 'dotted.path: message' lines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def validate_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError([_describe(e) for e in error.errors()]) from None
+
+
+def _describe(error: Any) -> str:
+    path = ".".join(str(part) for part in error["loc"]) or "<root>"
+    message = error["msg"]
+    if error["type"] not in ("missing", "extra_forbidden") and "input" in error:
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}"

@@ -1,0 +1,74 @@
+"""One preprocessing for training, evaluation and serving, and the ONNX model runner.
+
+An exported model carries its `ModelSpec` (class names, input size, normalisation) in the ONNX
+file's metadata, so whoever runs it needs the file and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SPEC_KEY = "mlops.spec"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    classes: tuple[str, ...]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        raw = json.loads(text)
+        return cls(tuple(raw["classes"]), int(raw["input_size"]), tuple(raw["mean"]), tuple(raw["std"]))
+
+
+def image_to_array(image: Image.Image, spec: ModelSpec) -> np.ndarray:
+    """RGB, resized to input_size x input_size, scaled to [0, 1], normalised; CHW float32."""
+    image = image.convert("RGB").resize((spec.input_size, spec.input_size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def load_array(path: Path, spec: ModelSpec) -> np.ndarray:
+    with Image.open(path) as image:
+        return image_to_array(image, spec)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class OnnxClassifier:
+    """An exported classifier run by ONNX Runtime on the CPU."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if SPEC_KEY not in metadata:
+            raise ValueError(f"{path}: ONNX model has no '{SPEC_KEY}' metadata")
+        self.spec = ModelSpec.from_json(metadata[SPEC_KEY])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (n, classes)."""
+        return softmax(self.logits(batch))

@@ -1,0 +1,71 @@
+"""Lineage: which code, commit and config made a model, and the key that says "nothing changed"."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlops.config import Config
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("mlops", "flows")
+
+
+@dataclass(frozen=True)
+class GitState:
+    commit: str  # "unknown" outside a git checkout
+    dirty: bool
+
+
+def git_state(root: Path = PROJECT_ROOT) -> GitState:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return GitState("unknown", False)
+    return GitState(commit, dirty)
+
+
+def code_hash(root: Path = PROJECT_ROOT) -> str:
+    """sha256 over the project's Python sources: a dirty tree still gets a distinct code version."""
+    digest = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def config_hash(config: Config) -> str:
+    return _hash(config.model_dump(mode="json"))
+
+
+def train_key(config: Config, data_version: str, code: str) -> str:
+    """Same key, same model: data content, everything that shapes training and export, and code.
+
+    Thresholds, stores and names are left out, so changing a bound re-gates without retraining.
+    """
+    data = config.data.model_dump(mode="json", exclude={"path", "version", "validation"})
+    return _hash(
+        {
+            "data_version": data_version,
+            "data": data,
+            "model": config.model.model_dump(mode="json"),
+            "train": config.train.model_dump(mode="json", exclude={"progress_bar", "num_workers"}),
+            "export": config.export.model_dump(mode="json", exclude={"latency_images"}),
+            "seed": config.seed,
+            "code": code,
+        }
+    )
+
+
+def _hash(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,132 @@
+"""Train: a torchvision network, chosen by name, fitted with PyTorch Lightning."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models import get_model
+
+from mlops.config import Config, ModelConfig
+from mlops.data import Prepared
+from mlops.inference import ModelSpec, load_array
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    def __init__(self, files: list[tuple[Path, int]], spec: ModelSpec, hflip: bool = False):
+        self.files, self.spec, self.hflip = files, spec, hflip
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.files[index]
+        array = load_array(path, self.spec)
+        if self.hflip and torch.rand(()) < 0.5:
+            array = np.ascontiguousarray(array[:, :, ::-1])
+        return torch.from_numpy(array), label
+
+
+def build_network(model: ModelConfig, num_classes: int) -> nn.Module:
+    """A torchvision model by registry name; optional local weights (the head may differ)."""
+    network = get_model(model.name, weights=None, num_classes=num_classes)
+    if model.weights_path is not None:
+        state = torch.load(model.weights_path, map_location="cpu", weights_only=True)
+        own = network.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not usable:
+            raise ValueError(f"model.weights_path {model.weights_path}: no tensor fits {model.name}")
+        network.load_state_dict(usable, strict=False)
+        log.info("loaded %d/%d tensors from %s", len(usable), len(own), model.weights_path)
+    return network
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, network: nn.Module, optimizer: str, learning_rate: float, weight_decay: float):
+        super().__init__()
+        self.network = network
+        self.optimizer, self.learning_rate, self.weight_decay = optimizer, learning_rate, weight_decay
+        self.loss = nn.CrossEntropyLoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        loss = self.loss(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", self.loss(logits, y), prog_bar=True)
+        self.log("val_accuracy", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self):
+        params = self.parameters()
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.learning_rate, momentum=0.9, weight_decay=self.weight_decay)
+        kind = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
+        return kind(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+
+
+@dataclass
+class Trained:
+    network: nn.Module
+    spec: ModelSpec
+    weights: Path  # state dict of the fitted network
+    metrics: dict[str, float]
+
+
+def model_spec(config: Config, classes: list[str]) -> ModelSpec:
+    return ModelSpec(tuple(classes), config.data.input_size, config.data.mean, config.data.std)
+
+
+def train(config: Config, data: Prepared, workdir: Path, logger=None) -> Trained:
+    """Fit the configured network on `data` (train/val splits); `logger` is a Lightning logger."""
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    spec = model_spec(config, data.classes)
+    t = config.train
+    loaders = {
+        split: DataLoader(
+            ImageDataset(data.files(split), spec, hflip=t.hflip and split == "train"),
+            batch_size=t.batch_size,
+            shuffle=split == "train",
+            num_workers=t.num_workers,
+            persistent_workers=t.num_workers > 0,
+        )
+        for split in ("train", "val")
+    }
+    module = Classifier(build_network(config.model, len(data.classes)), t.optimizer, t.learning_rate, t.weight_decay)
+    trainer = pl.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.progress_bar,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        logger=logger if logger is not None else False,
+        default_root_dir=str(workdir),
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, loaders["train"], loaders["val"])
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    network = module.network.cpu().eval()
+    workdir.mkdir(parents=True, exist_ok=True)
+    weights = workdir / "weights.pt"
+    if trainer.is_global_zero:
+        torch.save(network.state_dict(), weights)
+    return Trained(network, spec, weights, metrics)

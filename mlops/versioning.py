@@ -1,0 +1,78 @@
+"""Data versions with DVC: a prepared dataset's content hash is its version.
+
+The DVC project lives in its own directory (no git needed, `--no-scm`); each dataset is one
+tracked directory `datasets/<name>`. `commit_dataset` adds and pushes it to the remote;
+`checkout_dataset` brings back any version the cache or the remote holds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+REMOTE_NAME = "store"
+
+
+class DataVersionError(ValueError):
+    pass
+
+
+def dataset_dir(repo_dir: Path, name: str) -> Path:
+    return repo_dir / "datasets" / name
+
+
+def open_repo(repo_dir: Path, remote: str):
+    """Open (and on first use create) the DVC project, pointing its default remote at `remote`."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    from dvc.repo import Repo
+
+    if not (repo_dir / ".dvc").is_dir():
+        repo_dir.mkdir(parents=True, exist_ok=True)
+        Repo.init(str(repo_dir), no_scm=True)
+    repo = Repo(str(repo_dir))
+    if "://" not in remote:
+        Path(remote).mkdir(parents=True, exist_ok=True)
+    with repo.config.edit() as conf:
+        conf["core"]["analytics"] = False
+        conf["core"]["remote"] = REMOTE_NAME
+        conf["remote"][REMOTE_NAME] = {"url": remote}
+    return repo
+
+
+def commit_dataset(repo_dir: Path, remote: str, name: str) -> str:
+    """Track `datasets/<name>` and push it; returns its version (the DVC directory hash)."""
+    repo = open_repo(repo_dir, remote)
+    target = dataset_dir(repo_dir, name)
+    with repo:
+        repo.add([str(target)])
+        repo.push(targets=[str(target) + ".dvc"])
+    return read_version(target)
+
+
+def read_version(target: Path) -> str:
+    meta = yaml.safe_load(Path(str(target) + ".dvc").read_text())
+    return meta["outs"][0]["md5"].removesuffix(".dir")
+
+
+def checkout_dataset(repo_dir: Path, remote: str, name: str, version: str) -> Path:
+    """Materialize version `version` of dataset `name` from the cache or the remote."""
+    repo = open_repo(repo_dir, remote)
+    target = dataset_dir(repo_dir, name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    dvc_file = Path(str(target) + ".dvc")
+    dvc_file.write_text(
+        yaml.safe_dump({"outs": [{"md5": f"{version}.dir", "hash": "md5", "path": name}]})
+    )
+    from dvc.exceptions import DvcException
+
+    try:
+        with repo:
+            repo.pull(targets=[str(dvc_file)], force=True)
+    except DvcException as error:
+        raise DataVersionError(
+            f"data.version {version}: not in the DVC cache {repo_dir} nor the remote {remote}"
+            f" ({type(error).__name__}: {error})"
+        ) from None
+    return target
