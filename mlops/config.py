@@ -106,6 +106,7 @@ class TrainConfig(Section):
     optimizer: Literal["adam", "adamw", "sgd"]
     num_workers: int = Field(ge=0)
     hflip: bool
+    update_bn: bool
     accelerator: str
     devices: int | str | list[int]
     strategy: str

@@ -87,6 +87,17 @@ class Trained:
     metrics: dict[str, float]
 
 
+def _update_batchnorm(network: nn.Module, files: list[tuple[Path, int]], spec: ModelSpec, batch_size: int) -> None:
+    """Re-estimate BatchNorm running statistics over the training set (torch's `update_bn`).
+
+    Short from-scratch runs leave slow-moving running averages (MobileNetV3 uses momentum 0.01)
+    far from the data's statistics, which ruins eval-mode accuracy.
+    """
+    loader = DataLoader(ImageDataset(files, spec), batch_size=batch_size)
+    with torch.no_grad():
+        torch.optim.swa_utils.update_bn((x for x, _ in loader), network)
+
+
 def model_spec(config: Config, classes: list[str]) -> ModelSpec:
     return ModelSpec(tuple(classes), config.data.input_size, config.data.mean, config.data.std)
 
@@ -124,7 +135,10 @@ def train(config: Config, data: Prepared, workdir: Path, logger=None) -> Trained
     )
     trainer.fit(module, loaders["train"], loaders["val"])
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    network = module.network.cpu().eval()
+    network = module.network.cpu()
+    if t.update_bn:
+        _update_batchnorm(network, data.files("train"), spec, t.batch_size)
+    network.eval()
     workdir.mkdir(parents=True, exist_ok=True)
     weights = workdir / "weights.pt"
     if trainer.is_global_zero:
