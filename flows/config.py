@@ -38,7 +38,7 @@ def to_config(cfg: DictConfig) -> Config:
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", "") or "<config>"
-        raise ConfigError([f"{key}: {error.msg if hasattr(error, 'msg') else error}"]) from None
+        raise ConfigError([f"{key}: {str(error).splitlines()[0]}"]) from None
     raw.pop("hydra", None)
     return validate_config(raw)
 

@@ -19,6 +19,7 @@ def export_onnx(network: nn.Module, spec: ModelSpec, path: Path, opset: int) -> 
     network = network.cpu().eval()
     example = torch.zeros(2, 3, spec.input_size, spec.input_size)
     path.parent.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         torch.onnx.export(
             network,
@@ -26,9 +27,10 @@ def export_onnx(network: nn.Module, spec: ModelSpec, path: Path, opset: int) -> 
             str(path),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamic_shapes=({0: batch},),
             opset_version=opset,
-            dynamo=False,
+            dynamo=True,
+            verbose=False,
         )
     model = onnx.load(str(path))
     onnx.checker.check_model(model)

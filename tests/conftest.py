@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One ephemeral Prefect API (its own sqlite database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_image(path: Path, size: tuple[int, int] = (16, 16), mode: str = "RGB", seed: int = 0) -> Path:
+    """A small random image of `mode`, saved with the format its suffix names."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "CMYK": 4, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode=mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Two classes of 12 valid RGB JPEGs each."""
+    root = tmp_path / "images"
+    for label in ("cat", "dog"):
+        for index in range(12):
+            write_image(root / label / f"{index:02d}.jpg", seed=index + (100 if label == "dog" else 0))
+    return root

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows import config as flow_config
+from flows.config import CONF_DIR, load_config
+from mlops.config import ConfigError
+
+GROUPS = ("data", "model", "train", "thresholds", "env")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def group_options() -> list[tuple[str, str]]:
+    return [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), group_options())
+def test_every_option_composes_and_validates(group, option, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("DVC_REMOTE_URL", str(tmp_path / "remote"))
+    overrides = [f"paths.workspace={tmp_path}"]
+    if group != "env":
+        overrides.append(f"{group}={option}")
+    if (group, option) == ("data", "imagefolder"):
+        overrides.append(f"data.path={tmp_path}")
+    config = load_config("build", option if group == "env" else "test", overrides)
+    assert config.environment == (option if group == "env" else "test")
+    assert config.paths.workspace == tmp_path.resolve()
+    if group == "model":
+        assert config.model.name == option
+
+
+def test_test_env_is_small_and_keeps_every_store_under_the_workspace(tmp_path, monkeypatch):
+    config = load_config("build", "test", [f"paths.workspace={tmp_path}"])
+    assert config.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert config.dvc.remote == f"{tmp_path}/dvc-remote"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("DVC_REMOTE_URL", "s3://bucket/dvc")
+    production = load_config("build", "production", [])
+    assert config.train.max_epochs < production.train.max_epochs
+    assert config.data.max_per_class is not None and production.data.max_per_class is None
+
+
+def test_production_takes_services_from_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("DVC_REMOTE_URL", "s3://bucket/dvc")
+    config = load_config("build", "production", [f"paths.workspace={tmp_path}"])
+    assert config.mlflow.tracking_uri == "http://127.0.0.1:5999"
+    assert config.dvc.remote == "s3://bucket/dvc"
+
+
+def test_production_without_its_variables_names_the_key(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=r"mlflow\.tracking_uri:.*MLFLOW_TRACKING_URI"):
+        load_config("build", "production", [])
+
+
+def test_wrong_type_on_the_command_line_names_the_key():
+    with pytest.raises(ConfigError) as caught:
+        load_config("build", "test", ["train.max_epochs=abc", "data.val_fraction=0.9"])
+    problems = "\n".join(caught.value.problems)
+    assert "train.max_epochs: Input should be a valid integer" in problems
+    assert "data.val_fraction: Input should be less than 0.5" in problems
+
+
+def test_unknown_model_name_is_refused():
+    with pytest.raises(ConfigError, match=r"model\.name: .*'resnet1800' is not in torchvision's model registry"):
+        load_config("build", "test", ["model.name=resnet1800"])
+
+
+def test_misspelled_key_on_the_command_line_names_the_key():
+    with pytest.raises(ConfigError, match=r"thresholds\.min_acuracy"):
+        load_config("build", "test", ["thresholds.min_acuracy=0.3"])
+
+
+@pytest.fixture
+def conf_copy(tmp_path, monkeypatch) -> Path:
+    copy = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, copy)
+    monkeypatch.setattr(flow_config, "CONF_DIR", copy)
+    return copy
+
+
+def test_misspelled_key_in_a_yaml_file_names_the_key(conf_copy):
+    path = conf_copy / "thresholds" / "default.yaml"
+    path.write_text(path.read_text().replace("min_accuracy:", "min_acuracy:"))
+    with pytest.raises(ConfigError) as caught:
+        load_config("build", "test", [])
+    problems = caught.value.problems
+    assert "thresholds.min_acuracy: Extra inputs are not permitted" in problems
+
+
+def test_wrong_type_in_a_yaml_file_names_the_key(conf_copy):
+    path = conf_copy / "train" / "default.yaml"
+    path.write_text(path.read_text().replace("optimizer: adamw", "optimizer: adamx"))
+    with pytest.raises(ConfigError, match=r"train\.optimizer: Input should be 'adam', 'adamw' or 'sgd'"):
+        load_config("build", "test", [])
+
+
+def run_cli(*args: str, workspace: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"MLOPS_WORKSPACE": str(workspace)}
+    return subprocess.run(
+        [sys.executable, "-m", "flows.build", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_rejects_a_bad_value_with_the_key_and_no_traceback(tmp_path):
+    result = run_cli("train.max_epochs=abc", workspace=tmp_path)
+    assert result.returncode == 2
+    assert "train.max_epochs: Input should be a valid integer" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing ran
+
+
+def test_cli_prints_the_production_config_without_running(tmp_path):
+    result = run_cli("--cfg", "job", "env=production", workspace=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "tracking_uri: ${oc.env:MLFLOW_TRACKING_URI}" in result.stdout
+    assert "environment: production" in result.stdout
+    assert list(tmp_path.iterdir()) == []
