@@ -112,7 +112,7 @@ def get_alias(client: MlflowClient, name: str, alias: str) -> VersionRef | None:
         version = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    return VersionRef(name, version.version, version.run_id)
+    return VersionRef(name, str(version.version), version.run_id)
 
 
 def register(
@@ -137,7 +137,7 @@ def register(
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, str(value))
     client.update_model_version(name, version.version, description=description)
-    return VersionRef(name, version.version, source_run_id), created
+    return VersionRef(name, str(version.version), source_run_id), created
 
 
 def download_version(client: MlflowClient, ref: VersionRef, dest: Path) -> Path:
