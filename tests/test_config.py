@@ -124,3 +124,19 @@ def test_cli_prints_the_production_config_without_running(tmp_path):
     assert "tracking_uri: ${oc.env:MLFLOW_TRACKING_URI}" in result.stdout
     assert "environment: production" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dataset_and_a_model_added_by_yaml_alone(conf_copy, tmp_path):
+    """The README's recipes: a new data option extending imagefolder, a new model option."""
+    (conf_copy / "data" / "pets.yaml").write_text(
+        "defaults: [imagefolder]\n"
+        f"name: pets\npath: {tmp_path}\ninput_size: 160\n"
+        "validation:\n  policy: quarantine\n  max_class_imbalance: 1.5\n"
+    )
+    (conf_copy / "model" / "efficientnet_b0.yaml").write_text("name: efficientnet_b0\nweights_path: null\n")
+    config = load_config("build", "test", ["data=pets", "model=efficientnet_b0"])
+    assert (config.data.name, config.data.path, config.data.input_size) == ("pets", tmp_path, 160)
+    assert config.data.validation.max_class_imbalance == 1.5
+    assert config.data.validation.min_image_size == 32  # inherited from imagefolder
+    assert config.data.max_per_class == 40  # the test overlay still applies
+    assert config.model.name == "efficientnet_b0"
