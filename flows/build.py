@@ -40,7 +40,6 @@ class Dataset:
 class BuildResult:
     run_id: str
     data_version: str
-    gate_passed: bool
     model_name: str
     version: str | None
     reused_run_id: str | None
@@ -121,17 +120,38 @@ def evaluate_model(
 
 
 @task(cache_policy=NO_CACHE)
-def register_model(
-    config: Config, dataset: Dataset, source_run_id: str, run_id: str, result: evaluation.Evaluation, report_md: str, overrides: list[str]
-) -> registry.VersionRef:
+def gate_model(
+    config: Config,
+    new: evaluation.Evaluation,
+    production: evaluation.Evaluation | None,
+    label: str,
+    run_id: str,
+) -> evaluation.GateReport:
+    """Every check with value, bound and verdict: MLflow artifacts and tags, a Prefect artifact."""
     client, _ = registry.connect(config.mlflow)
-    git = lineage.git_state()
-    tags = {
-        "data_version": dataset.version,
-        "git_commit": git.commit,
-        "git_dirty": git.dirty,
-        "code_hash": lineage.code_hash(),
-        "config_hash": lineage.config_hash(config),
+    report = evaluation.gate(new, config.thresholds, production, label)
+    client.log_text(run_id, registry.to_json(report.to_dict()), "gate/report.json")
+    client.log_text(run_id, report.to_markdown(), "gate/report.md")
+    verdicts = {f"mlops.gate.{check.name}": check.verdict for check in report.checks}
+    registry.log_flat(client, run_id, tags={"mlops.gate": "passed" if report.passed else "failed"} | verdicts)
+    create_markdown_artifact(report.to_markdown(), key="gate-report", description="Build gate")
+    return report
+
+
+@task(cache_policy=NO_CACHE)
+def register_model(
+    config: Config,
+    dataset: Dataset,
+    source_run_id: str,
+    run_id: str,
+    result: evaluation.Evaluation,
+    report: evaluation.GateReport,
+    trace: dict[str, str],
+    overrides: list[str],
+) -> registry.VersionRef:
+    """Register (or reuse) the model version of `source_run_id` and point the candidate alias at it."""
+    client, _ = registry.connect(config.mlflow)
+    tags = trace | {
         "build_run_id": run_id,
         "environment": config.environment,
         "gate": "passed",
@@ -146,8 +166,8 @@ def register_model(
         dataset.version,
         dataset.prepared.counts,
         asdict(result),
-        report_md,
-        {"build run": run_id, "model run": source_run_id, **{k: str(v) for k, v in tags.items() if k.startswith(("git", "code", "config"))}},
+        report.to_markdown(),
+        {"build run": run_id, "model run": source_run_id, **trace},
         reproduce,
     )
     ref, created = registry.register(client, config.mlflow.registered_model, source_run_id, tags, card)
@@ -174,30 +194,22 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
 
     dataset = ingest_data(config)
     client, experiment_id = registry.connect(config.mlflow)
-    code = lineage.code_hash()
-    key = lineage.train_key(config, dataset.version, code)
+    trace = lineage.trace(config, dataset.version)
+    key = lineage.train_key(config, dataset.version, trace["code_hash"])
     reused = None if config.force else registry.find_reusable_run(client, experiment_id, key)
-    git = lineage.git_state()
-    run_id = registry.start_run(
-        client,
-        experiment_id,
-        f"build-{config.model.name}",
-        {
-            "mlops.flow": "build",
-            "mlops.environment": config.environment,
-            "mlops.data_version": dataset.version,
-            "mlops.git_commit": git.commit,
-            "mlops.git_dirty": str(git.dirty),
-            "mlops.code_hash": code,
-            "mlops.config_hash": lineage.config_hash(config),
-            "mlops.overrides": " ".join(overrides),
-            **({"mlops.reused_run_id": reused} if reused else {}),
-        },
-    )
+    run_tags = {f"mlops.{k}": v for k, v in trace.items()} | {
+        "mlops.flow": "build",
+        "mlops.environment": config.environment,
+        "mlops.overrides": " ".join(overrides),
+    }
+    if reused:
+        run_tags["mlops.reused_run_id"] = reused
+    run_id = registry.start_run(client, experiment_id, f"build-{config.model.name}", run_tags)
     try:
         client.log_text(run_id, config_yaml, "config/resolved.yaml")
         client.log_text(run_id, (dataset.prepared.path / data_lib.MANIFEST).read_text(), "data/manifest.json")
-        registry.log_flat(client, run_id, params=registry.flatten(config.model_dump(mode="json", exclude={"mlflow", "paths", "dvc"})))
+        params = config.model_dump(mode="json", exclude={"mlflow", "paths", "dvc"})
+        registry.log_flat(client, run_id, params=registry.flatten(params))
         if reused:
             logger.info("reusing the model of run %s: same data version, config and code (force=true retrains)", reused)
             source_run_id = reused
@@ -209,20 +221,15 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
             source_run_id = run_id
 
         new, production, label = evaluate_model(config, onnx_path, dataset, run_id)
-        report = evaluation.gate(new, config.thresholds, production, label)
-        report_md = report.to_markdown()
-        client.log_text(run_id, registry.to_json(report.to_dict()), "gate/report.json")
-        client.log_text(run_id, report_md, "gate/report.md")
-        registry.log_flat(client, run_id, tags={"mlops.gate": "passed" if report.passed else "failed"} | {f"mlops.gate.{c.name}": c.verdict for c in report.checks})
-        create_markdown_artifact(report_md, key="gate-report", description="Build gate")
+        report = gate_model(config, new, production, label, run_id)
         if not report.passed:
             failures = "; ".join(f"{c.name} {c.value} not {c.op} {c.bound}" for c in report.failures)
             raise GateFailed(f"gate failed: {failures}")
 
-        ref = register_model(config, dataset, source_run_id, run_id, new, report_md, overrides)
+        ref = register_model(config, dataset, source_run_id, run_id, new, report, trace, overrides)
         client.set_tag(run_id, "mlops.model_version", ref.version)
         client.set_terminated(run_id, "FINISHED")
-        return BuildResult(run_id, dataset.version, True, ref.name, ref.version, reused)
+        return BuildResult(run_id, dataset.version, ref.name, ref.version, reused)
     except BaseException as error:
         client.set_tag(run_id, "mlops.error", f"{type(error).__name__}: {error}"[:5000])
         client.set_terminated(run_id, "FAILED")

@@ -48,6 +48,18 @@ def config_hash(config: Config) -> str:
     return _hash(config.model_dump(mode="json"))
 
 
+def trace(config: Config, data_version: str) -> dict[str, str]:
+    """What a model version records to be traced back: data, commit, code and config."""
+    git = git_state()
+    return {
+        "data_version": data_version,
+        "git_commit": git.commit,
+        "git_dirty": str(git.dirty),
+        "code_hash": code_hash(),
+        "config_hash": config_hash(config),
+    }
+
+
 def train_key(config: Config, data_version: str, code: str) -> str:
     """Same key, same model: data content, everything that shapes training and export, and code.
 

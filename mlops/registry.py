@@ -140,10 +140,6 @@ def register(
     return VersionRef(name, str(version.version), source_run_id), created
 
 
-def download_version(client: MlflowClient, ref: VersionRef, dest: Path) -> Path:
-    return download_model(client, ref.run_id, dest)
-
-
 def model_card(
     name: str,
     data_version: str,
