@@ -38,3 +38,24 @@ def image_folder(tmp_path: Path) -> Path:
         for index in range(12):
             write_image(root / label / f"{index:02d}.jpg", seed=index + (100 if label == "dog" else 0))
     return root
+
+
+def tiny_classifier():
+    """A small untrained CNN, deterministic, for tests that need a model but not a good one."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """The tiny CNN exported with a spec of three classes at 16 px."""
+    from mlops.inference import ModelSpec
+    from mlops.packaging import export_onnx
+
+    spec = ModelSpec(("cat", "dog", "fox"), 16, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    return export_onnx(tiny_classifier(), spec, tmp_path_factory.mktemp("tiny") / "tiny.onnx", opset=18)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import tiny_classifier
 
 from mlops.inference import ModelSpec, OnnxClassifier, image_to_array
 from mlops.packaging import ParityError, check_parity, export_onnx
@@ -11,15 +11,8 @@ from mlops.packaging import ParityError, check_parity, export_onnx
 SPEC = ModelSpec(("cat", "dog", "fox"), 16, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
 
 
-def small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
-    ).eval()
-
-
 def test_export_has_a_dynamic_batch_and_carries_its_spec(tmp_path):
-    path = export_onnx(small_net(), SPEC, tmp_path / "m.onnx", opset=18)
+    path = export_onnx(tiny_classifier(), SPEC, tmp_path / "m.onnx", opset=18)
     model = OnnxClassifier(path)
     assert model.spec == SPEC
     for batch in (1, 7):
@@ -29,7 +22,7 @@ def test_export_has_a_dynamic_batch_and_carries_its_spec(tmp_path):
 
 
 def test_parity_with_pytorch_on_real_inputs(tmp_path):
-    net = small_net()
+    net = tiny_classifier()
     path = export_onnx(net, SPEC, tmp_path / "m.onnx", opset=18)
     batch = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
     parity = check_parity(net, path, batch, atol=1e-4, rtol=1e-3)
@@ -37,7 +30,7 @@ def test_parity_with_pytorch_on_real_inputs(tmp_path):
 
 
 def test_parity_failure_names_the_difference_and_the_tolerance(tmp_path):
-    net = small_net()
+    net = tiny_classifier()
     path = export_onnx(net, SPEC, tmp_path / "m.onnx", opset=18)
     with torch.no_grad():
         net[-1].bias += 0.5  # the exported file no longer matches the network
@@ -56,6 +49,6 @@ def test_preprocessing_resizes_converts_and_normalises():
 
 
 def test_a_model_without_spec_is_refused(tmp_path):
-    torch.onnx.export(small_net(), (torch.zeros(1, 3, 16, 16),), str(tmp_path / "bare.onnx"), dynamo=True)
+    torch.onnx.export(tiny_classifier(), (torch.zeros(1, 3, 16, 16),), str(tmp_path / "bare.onnx"), dynamo=True)
     with pytest.raises(ValueError, match="has no 'mlops.spec' metadata"):
         OnnxClassifier(tmp_path / "bare.onnx")

@@ -1,0 +1,32 @@
+"""Image features the server records for every request and monitoring compares to a reference."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+FEATURES = ("width", "height", "aspect_ratio", "brightness", "contrast", "saturation", "sharpness")
+
+
+def image_features(image: Image.Image) -> dict[str, float]:
+    """Size, brightness, contrast, saturation and sharpness, on a 64 px thumbnail for speed."""
+    width, height = image.size
+    small = image.convert("RGB")
+    small.thumbnail((64, 64))
+    rgb = np.asarray(small, dtype=np.float32) / 255.0
+    gray = rgb @ np.asarray([0.299, 0.587, 0.114], np.float32)
+    spread = rgb.max(axis=2) - rgb.min(axis=2)
+    laplacian = (
+        gray[1:-1, :-2] + gray[1:-1, 2:] + gray[:-2, 1:-1] + gray[2:, 1:-1] - 4 * gray[1:-1, 1:-1]
+        if min(gray.shape) >= 3
+        else np.zeros(1, np.float32)
+    )
+    return {
+        "width": float(width),
+        "height": float(height),
+        "aspect_ratio": float(width / height),
+        "brightness": float(gray.mean()),
+        "contrast": float(gray.std()),
+        "saturation": float(spread.mean()),
+        "sharpness": float(np.abs(laplacian).mean()),
+    }

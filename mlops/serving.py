@@ -1,0 +1,469 @@
+"""The model server: one registered ONNX model version behind an HTTP API.
+
+    python -m mlops.serving --tracking-uri sqlite:///workspace/mlflow.db \\
+        --model image-classifier --alias candidate --port 8000
+
+It needs nothing but the registry (class names, input size and normalisation travel in the ONNX
+file) and never unpickles anything. Concurrent requests are batched into one ONNX Runtime call
+(dynamic micro-batching). Every request is recorded for monitoring (`mlops.records`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import io
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from mlops.features import image_features
+from mlops.inference import OnnxClassifier, image_to_array
+from mlops.records import RecordWriter
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("image/", "application/octet-stream")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 10 * 2**20
+    max_pixels: int = 40_000_000
+    max_batch_images: int = 64
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    version: str
+    model: OnnxClassifier
+
+
+class BadInput(Exception):
+    """A client error: HTTP status, a short kind for metrics and records, and what is wrong."""
+
+    def __init__(self, status: int, kind: str, detail: str):
+        super().__init__(detail)
+        self.status, self.kind, self.detail = status, kind, detail
+
+
+class Feedback(BaseModel):
+    request_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    label: str
+
+
+# -- input ---------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BadInput(413, "body_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadInput(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_images(request: Request, limits: Limits, max_files: int) -> list[tuple[bytes, str]]:
+    """(bytes, content type) of each uploaded image: multipart files or one raw image body."""
+    content_type = request.headers.get("content-type", "").lower()
+    body = await read_body(request, limits.max_body_bytes)
+    if not body:
+        raise BadInput(400, "empty_body", "the request body is empty: send an image")
+    if content_type.startswith("multipart/form-data"):
+        async def stream():
+            yield body
+
+        try:
+            parser = MultiPartParser(request.headers, stream(), max_files=max_files + 1, max_part_size=limits.max_body_bytes)
+            form = await parser.parse()
+        except MultiPartException as error:
+            raise BadInput(400, "bad_multipart", str(error)) from None
+        uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not uploads:
+            raise BadInput(400, "no_file", "multipart body has no file part (use -F file=@image.jpg)")
+        if len(uploads) > max_files:
+            raise BadInput(413, "too_many_images", f"{len(uploads)} images, at most {max_files} per request")
+        return [(await upload.read(), upload.content_type or "") for upload in uploads]
+    if content_type.startswith(IMAGE_TYPES):
+        return [(body, content_type)]
+    raise BadInput(
+        415, "unsupported_media_type",
+        f"content type '{content_type or 'none'}': send multipart/form-data, image/* or application/octet-stream",
+    )
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise BadInput(400, "empty_image", "the uploaded file is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadInput(422, "not_an_image", "the bytes are not an image format the server reads") from None
+    except Exception as error:  # noqa: BLE001 - any decoder failure is the input's fault
+        raise BadInput(422, "corrupt_image", f"cannot read the image: {error}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadInput(413, "image_too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels}")
+    try:
+        image.load()
+    except Exception as error:  # noqa: BLE001
+        raise BadInput(422, "corrupt_image", f"truncated or corrupt image: {error}") from None
+    return image
+
+
+# -- batching ------------------------------------------------------------------------------
+
+
+class MicroBatcher:
+    """Collects concurrent single-image requests into one model call.
+
+    One worker thread runs the model; while it runs, new requests queue and go in the next batch,
+    so batches grow with load. `max_wait_s` optionally waits for company when the queue is empty.
+    """
+
+    def __init__(self, model: OnnxClassifier, max_size: int, max_wait_s: float, on_batch=None):
+        self.model, self.max_size, self.max_wait_s, self.on_batch = model, max_size, max_wait_s, on_batch
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=False)
+
+    async def predict(self, array: np.ndarray) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((array, future))
+        return await future
+
+    async def _collect(self) -> list:
+        items = [await self.queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(items) < self.max_size:
+            if not self.queue.empty():
+                items.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return items
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._collect()
+            batch = np.stack([array for array, _ in items])
+            try:
+                probabilities = await loop.run_in_executor(self.executor, self.model.predict, batch)
+            except Exception as error:  # noqa: BLE001 - every waiting request gets the error
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            if self.on_batch:
+                self.on_batch(len(items))
+            for (_, future), row in zip(items, probabilities):
+                if not future.done():
+                    future.set_result(row)
+
+
+# -- the app -------------------------------------------------------------------------------
+
+
+class Metrics:
+    def __init__(self, served: ServedModel):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mlops_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "mlops_request_latency_seconds", "Request latency", ["endpoint"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.errors = Counter("mlops_errors", "Rejected or failed requests by kind", ["kind"], registry=r)
+        self.predictions = Counter("mlops_predictions", "Predictions by class", ["class_name"], registry=r)
+        self.batch_size = Histogram("mlops_batch_size", "Images per model call", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.feedback = Counter("mlops_feedback", "Feedback labels received", registry=r)
+        info = Gauge("mlops_model_info", "The model version being served", ["model", "version"], registry=r)
+        info.labels(served.name, served.version).set(1)
+
+
+def create_app(
+    served: ServedModel,
+    limits: Limits = Limits(),
+    token: str | None = None,
+    records: RecordWriter | None = None,
+    batch_max_size: int = 32,
+    batch_max_wait_ms: float = 2.0,
+) -> FastAPI:
+    model, classes = served.model, served.model.spec.classes
+    metrics = Metrics(served)
+    batcher = MicroBatcher(model, batch_max_size, batch_max_wait_ms / 1000.0, metrics.batch_size.observe)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+        if records:
+            records.close()
+
+    app = FastAPI(
+        title="mlops model server",
+        description=f"Serves {served.name} version {served.version} ({len(classes)} classes).",
+        lifespan=lifespan,
+    )
+
+    def error(status: int, kind: str, detail: str, request_id: str | None = None) -> JSONResponse:
+        body = {"error": kind, "detail": detail} | ({"request_id": request_id} if request_id else {})
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.errors.labels("invalid_request").inc()
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error(422, "invalid_request", problems)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        endpoint = request.url.path
+        if token is not None and endpoint not in ("/health", "/ready", "/metrics", "/docs", "/openapi.json"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                metrics.errors.labels("unauthorized").inc()
+                metrics.requests.labels(endpoint, "401").inc()
+                response = error(401, "unauthorized", "missing or wrong bearer token")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        response = await call_next(request)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    def record(request_id: str, endpoint: str, content_type: str, size: int, **fields) -> None:
+        if records:
+            records.write(
+                "requests",
+                {
+                    "request_id": request_id,
+                    "time": datetime.now(UTC).isoformat(),
+                    "model": served.name,
+                    "model_version": served.version,
+                    "endpoint": endpoint,
+                    "content_type": content_type,
+                    "bytes": size,
+                }
+                | fields,
+            )
+
+    def prepare(data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+        image = decode_image(data, limits.max_pixels)
+        return image_to_array(image, model.spec), image_features(image)
+
+    async def classify(data: bytes, content_type: str, endpoint: str, start: float) -> dict:
+        request_id = uuid.uuid4().hex
+        try:
+            array, features = await run_in_threadpool(prepare, data)
+        except BadInput as bad:
+            metrics.errors.labels(bad.kind).inc()
+            record(request_id, endpoint, content_type, len(data), status="rejected", error=bad.kind)
+            bad.request_id = request_id
+            raise
+        probabilities = await batcher.predict(array)
+        best = int(np.argmax(probabilities))
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        metrics.predictions.labels(classes[best]).inc()
+        record(
+            request_id, endpoint, content_type, len(data), status="ok", error=None,
+            prediction=classes[best], confidence=float(probabilities[best]), latency_ms=latency_ms, **features,
+        )
+        return {
+            "request_id": request_id,
+            "model": {"name": served.name, "version": served.version},
+            "prediction": classes[best],
+            "confidence": float(probabilities[best]),
+            "probabilities": {name: float(p) for name, p in zip(classes, probabilities)},
+            "latency_ms": round(latency_ms, 3),
+        }
+
+    async def rejected(request: Request, endpoint: str, bad: BadInput) -> JSONResponse:
+        if not hasattr(bad, "request_id"):  # rejected before any image was read
+            bad.request_id = uuid.uuid4().hex
+            metrics.errors.labels(bad.kind).inc()
+            record(bad.request_id, endpoint, request.headers.get("content-type", ""), 0, status="rejected", error=bad.kind)
+        return error(bad.status, bad.kind, bad.detail, bad.request_id)
+
+    @app.post("/predict", summary="Classify one image (multipart `file` or a raw image body)")
+    async def predict(request: Request):
+        start = time.perf_counter()
+        try:
+            ((data, content_type),) = await read_images(request, limits, max_files=1)
+            return await classify(data, content_type, "/predict", start)
+        except BadInput as bad:
+            return await rejected(request, "/predict", bad)
+
+    @app.post("/predict/batch", summary="Classify several images (multipart, one part per image)")
+    async def predict_batch(request: Request):
+        start = time.perf_counter()
+        try:
+            images = await read_images(request, limits, max_files=limits.max_batch_images)
+        except BadInput as bad:
+            return await rejected(request, "/predict/batch", bad)
+
+        async def one(data: bytes, content_type: str) -> dict:
+            try:
+                return await classify(data, content_type, "/predict/batch", start)
+            except BadInput as bad:
+                return {"request_id": bad.request_id, "error": bad.kind, "detail": bad.detail}
+
+        return {"results": await asyncio.gather(*(one(d, t) for d, t in images))}
+
+    @app.post("/feedback", status_code=202, summary="The true label of an earlier request")
+    async def feedback(item: Feedback):
+        if item.label not in classes:
+            metrics.errors.labels("unknown_label").inc()
+            return error(422, "unknown_label", f"label '{item.label}' is not one of {list(classes)}")
+        if records:
+            records.write(
+                "feedback",
+                {"request_id": item.request_id, "label": item.label, "time": datetime.now(UTC).isoformat(),
+                 "model": served.name, "model_version": served.version},
+            )
+        metrics.feedback.inc()
+        return {"accepted": True, "request_id": item.request_id}
+
+    @app.get("/health", summary="The process is alive")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="The model is loaded")
+    async def ready():
+        return {"ready": True, "model": served.name, "version": served.version, "classes": list(classes)}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# -- the process ---------------------------------------------------------------------------
+
+
+def load_served(tracking_uri: str, name: str, alias: str | None, version: str | None, cache: Path) -> ServedModel:
+    """Download the ONNX file of a registered version (by alias or number) and open it."""
+    from mlflow import MlflowClient
+
+    from mlops.registry import download_model
+
+    client = MlflowClient(tracking_uri, tracking_uri)
+    found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    path = download_model(client, found.run_id, cache / f"{name}-v{found.version}")
+    return ServedModel(name, str(found.version), OnnxClassifier(path))
+
+
+def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # blue-green: old and new server share the port while traffic moves over
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mlops.serving", description="Serve a registered ONNX model.")
+    parser.add_argument("--tracking-uri", required=True, help="MLflow tracking/registry URI")
+    parser.add_argument("--model", required=True, help="registered model name")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--alias", help="serve the version this alias points at")
+    which.add_argument("--version", help="serve this version number")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--admin-port", type=int, help="also listen here, alone (deploy checks a new server on it)")
+    parser.add_argument("--reuse-port", action="store_true", help="share --port with the server being replaced")
+    parser.add_argument("--token-env", help="require 'Authorization: Bearer <value of this variable>'")
+    parser.add_argument("--records-dir", type=Path, help="write request and feedback records here")
+    parser.add_argument("--records-max-mb", type=float, default=512)
+    parser.add_argument("--records-max-age-days", type=float, default=30)
+    parser.add_argument("--max-body-mb", type=float, default=10)
+    parser.add_argument("--max-pixels", type=int, default=40_000_000)
+    parser.add_argument("--max-batch-images", type=int, default=64)
+    parser.add_argument("--batch-max-size", type=int, default=32)
+    parser.add_argument("--batch-max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "mlops-serving")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            sys.exit(f"error: --token-env {args.token_env}: the variable is not set or empty")
+    try:
+        served = load_served(args.tracking_uri, args.model, args.alias, args.version, args.cache_dir)
+    except Exception as error:  # noqa: BLE001 - report why the model cannot be served, then exit
+        sys.exit(f"error: cannot load {args.model} ({args.alias or args.version}): {type(error).__name__}: {error}")
+    records = None
+    if args.records_dir:
+        records = RecordWriter(args.records_dir, args.records_max_mb, args.records_max_age_days)
+    app = create_app(
+        served,
+        Limits(int(args.max_body_mb * 2**20), args.max_pixels, args.max_batch_images),
+        token,
+        records,
+        args.batch_max_size,
+        args.batch_max_wait_ms,
+    )
+    sockets = [bind(args.host, args.port, args.reuse_port)]
+    if args.admin_port:
+        sockets.append(bind(args.host, args.admin_port, False))
+    log.info("serving %s v%s on %s:%s", served.name, served.version, args.host, args.port)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=sockets)
+
+
+if __name__ == "__main__":
+    main()
