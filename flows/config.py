@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mlops.config import Config, ConfigError, validate_config
+from mlops.config import SCHEMAS, Config, ConfigError, validate_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -29,18 +29,20 @@ def load_config(config_name: str, env: str, overrides: list[str]) -> Config:
             cfg = compose(config_name, overrides=[f"env={env}", *overrides])
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError([str(error).strip()]) from None
-    return to_config(cfg)
+    return to_config(cfg, SCHEMAS[config_name])
 
 
-def to_config(cfg: DictConfig) -> Config:
+def to_config(cfg: DictConfig, schema: type[Config]) -> Config:
     """Resolve interpolations (environment variables included) and validate."""
     try:
+        if OmegaConf.select(cfg, "paths.workspace") is not None:  # one absolute root for every store
+            cfg.paths.workspace = str(Path(cfg.paths.workspace).expanduser().resolve())
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", "") or "<config>"
         raise ConfigError([f"{key}: {str(error).splitlines()[0]}"]) from None
     raw.pop("hydra", None)
-    return validate_config(raw)
+    return validate_config(raw, schema)
 
 
 def to_yaml(config: Config) -> str:
@@ -59,7 +61,7 @@ def run_cli(config_name: str, run: Callable[[str, list[str]], object]) -> None:
     def collect(cfg: DictConfig) -> None:
         overrides = list(HydraConfig.get().overrides.task)
         try:
-            to_config(cfg)
+            to_config(cfg, SCHEMAS[config_name])
         except ConfigError as error:
             where = f" (job {' '.join(overrides)})" if overrides else ""
             print(f"error: {error}{where}", file=sys.stderr)

@@ -31,7 +31,9 @@ class MlflowConfig(Section):
     experiment: str = Field(min_length=1)
     registered_model: str = Field(min_length=1)
     candidate_alias: str = Field(min_length=1)
+    approved_alias: str = Field(min_length=1)
     production_alias: str = Field(min_length=1)
+    previous_alias: str = Field(min_length=1)
 
 
 class DvcConfig(Section):
@@ -124,6 +126,14 @@ class ExportConfig(Section):
     latency_images: int = Field(ge=1)
 
 
+class ApplicationThresholds(Section):
+    min_accuracy: float = Field(ge=0.0, le=1.0)
+    min_macro_precision: float = Field(ge=0.0, le=1.0)
+    min_macro_recall: float = Field(ge=0.0, le=1.0)
+    max_p95_latency_ms: float = Field(gt=0.0)
+    max_error_rate: float = Field(ge=0.0, le=1.0)
+
+
 class Thresholds(Section):
     min_accuracy: float = Field(ge=0.0, le=1.0)
     min_class_recall: float = Field(ge=0.0, le=1.0)
@@ -131,13 +141,53 @@ class Thresholds(Section):
     max_p95_latency_ms: float = Field(gt=0.0)
     max_accuracy_drop: float = Field(ge=0.0, le=1.0)
     max_macro_f1_drop: float = Field(ge=0.0, le=1.0)
+    application: ApplicationThresholds
+
+
+class RecordsConfig(Section):
+    dir: Path
+    max_mb: float = Field(gt=0.0)
+    max_age_days: float = Field(gt=0.0)
+
+
+class ServeConfig(Section):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    max_body_mb: float = Field(gt=0.0)
+    max_pixels: int = Field(ge=1)
+    max_batch_images: int = Field(ge=1)
+    batch_max_size: int = Field(ge=1, le=1024)
+    batch_max_wait_ms: float = Field(ge=0.0, le=1000.0)
+    records: RecordsConfig
+
+
+class KubernetesConfig(Section):
+    namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str = Field(min_length=1)
+    replicas: int = Field(ge=1)
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
+    token_secret: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class DeployConfig(Section):
+    mode: Literal["validate", "release"]
+    target: Literal["local", "kubernetes"]
+    ready_timeout_s: float = Field(gt=0.0)
+    keep_test_server: bool
+    app_test_concurrency: int = Field(ge=1, le=64)
+    state_dir: Path
+    manifests_dir: Path
+    kubernetes: KubernetesConfig
 
 
 class Config(Section):
     environment: str = Field(min_length=1)
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(ge=0)
-    force: bool
     paths: PathsConfig
     mlflow: MlflowConfig
     dvc: DvcConfig
@@ -146,6 +196,20 @@ class Config(Section):
     train: TrainConfig
     export: ExportConfig
     thresholds: Thresholds
+    serve: ServeConfig
+    deploy: DeployConfig
+
+
+class BuildConfig(Config):
+    force: bool
+
+
+class DeployJob(Config):
+    action: Literal["release", "rollback"]
+
+
+# The schema of each primary config under conf/.
+SCHEMAS: dict[str, type[Config]] = {"build": BuildConfig, "deploy": DeployJob}
 
 
 class ConfigError(ValueError):
@@ -156,9 +220,9 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def validate_config(raw: dict[str, Any]) -> Config:
+def validate_config(raw: dict[str, Any], schema: type[Config] = Config) -> Config:
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as error:
         raise ConfigError([_describe(e) for e in error.errors()]) from None
 

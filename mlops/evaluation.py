@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from mlops.config import Thresholds
+from mlops.config import ApplicationThresholds, Thresholds
 from mlops.inference import OnnxClassifier, load_array
 
 
@@ -214,3 +214,17 @@ def gate(
             ),
         ]
     return GateReport(checks)
+
+
+def application_gate(result, thresholds: ApplicationThresholds) -> GateReport:
+    """The served model, over HTTP on the test split (`mlops.deployment.ApplicationResult`)."""
+    note = f"{result.requests} requests, statuses {result.statuses}"
+    return GateReport(
+        [
+            _check("app_accuracy", result.accuracy, ">=", thresholds.min_accuracy, note),
+            _check("app_macro_precision", result.macro_precision, ">=", thresholds.min_macro_precision),
+            _check("app_macro_recall", result.macro_recall, ">=", thresholds.min_macro_recall),
+            _check("app_p95_latency_ms", result.latency_p95_ms, "<=", thresholds.max_p95_latency_ms, "HTTP, end to end"),
+            _check("app_error_rate", result.error_rate, "<=", thresholds.max_error_rate),
+        ]
+    )

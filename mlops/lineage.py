@@ -52,6 +52,7 @@ def trace(config: Config, data_version: str) -> dict[str, str]:
     """What a model version records to be traced back: data, commit, code and config."""
     git = git_state()
     return {
+        "data_name": config.data.name,
         "data_version": data_version,
         "git_commit": git.commit,
         "git_dirty": str(git.dirty),

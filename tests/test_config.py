@@ -12,7 +12,7 @@ from flows import config as flow_config
 from flows.config import CONF_DIR, load_config
 from mlops.config import ConfigError
 
-GROUPS = ("data", "model", "train", "thresholds", "env")
+GROUPS = ("data", "model", "train", "thresholds", "serve", "deploy", "env")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,0 +1,167 @@
+"""End-to-end on loopback: build, deploy to test, release to production, predict, roll back,
+and a release whose server cannot start leaving production as it was."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from flows.build import build
+from flows.deploy import deploy
+from mlops import deployment
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+MODEL = "image-classifier"
+TOKEN = "test-token-123"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A workspace with two built versions, production settings in the environment, free ports;
+    every server started under it is stopped afterwards, also when a test fails."""
+    workspace = tmp_path_factory.mktemp("deploy-ws")
+    saved = dict(os.environ)
+    os.environ |= {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db",
+        "DVC_REMOTE_URL": str(workspace / "dvc-remote"),
+        "MLOPS_WORKSPACE": str(workspace),
+        "MLOPS_API_TOKEN": TOKEN,
+    }
+    ports = {"test": deployment.free_port("127.0.0.1"), "production": deployment.free_port("127.0.0.1")}
+    try:
+        yield workspace, ports
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if "mlops.serving" in " ".join(process.info["cmdline"] or []) and str(workspace) in " ".join(process.info["cmdline"]):
+                deployment.stop_server(process.info["pid"])
+
+
+def common(stack) -> list[str]:
+    workspace, _ = stack
+    return [f"paths.workspace={workspace}", "train.progress_bar=false"]
+
+
+def run_deploy(stack, env: str, *overrides: str):
+    _, ports = stack
+    return deploy(env=env, overrides=[*common(stack), f"serve.port={ports[env]}", *overrides], return_state=True)
+
+
+def client(stack) -> MlflowClient:
+    uri = f"sqlite:///{stack[0]}/mlflow.db"
+    return MlflowClient(uri, uri)
+
+
+def alias(stack, name: str) -> str | None:
+    aliases = client(stack).get_registered_model(MODEL).aliases
+    return str(aliases[name]) if name in aliases else None
+
+
+def production_url(stack) -> str:
+    return f"http://127.0.0.1:{stack[1]['production']}"
+
+
+def predict(stack, token: str | None = TOKEN) -> httpx.Response:
+    image = next((stack[0] / "dvc" / "datasets" / "digits" / "test" / "7").iterdir())
+    headers = {"content-type": "image/png"} | ({"authorization": f"Bearer {token}"} if token else {})
+    return httpx.post(production_url(stack) + "/predict", content=image.read_bytes(), headers=headers, timeout=10)
+
+
+def test_validate_in_test_approves_the_candidate(stack):
+    state = build(env="test", overrides=common(stack), return_state=True)
+    assert state.is_completed(), state.message
+    state = run_deploy(stack, "test")
+    assert state.is_completed(), state.message
+    assert alias(stack, "approved") == "1"
+    tags = client(stack).get_model_version(MODEL, "1").tags
+    assert tags["deploy.test.status"] == "passed" and float(tags["deploy.test.app_accuracy"]) >= 0.5
+    assert float(tags["deploy.test.app_error_rate"]) == 0.0
+    assert deployment.read_live(stack[0] / "deploy" / "test") is None  # the test server was stopped
+    assert list((stack[0] / "records" / "test" / "requests").rglob("*.jsonl"))  # it recorded the traffic
+
+
+def test_failing_application_tests_do_not_approve(stack):
+    state = run_deploy(stack, "test", "thresholds.application.max_p95_latency_ms=0.001")
+    assert state.is_failed() and "app_p95_latency_ms" in state.message
+    assert alias(stack, "approved") == "1"  # unchanged
+
+
+def test_release_to_production_serves_with_a_token(stack):
+    assert alias(stack, "production") is None
+    state = run_deploy(stack, "production")
+    assert state.is_completed(), state.message
+    assert alias(stack, "production") == "1"
+    answer = predict(stack)
+    assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
+    assert predict(stack, token=None).status_code == 401
+    assert client(stack).get_model_version(MODEL, "1").tags["deploy.production.status"] == "live"
+
+
+def test_blue_green_release_keeps_serving_then_rollback(stack):
+    state = build(env="test", overrides=[*common(stack), "train.learning_rate=0.002",
+                                         "thresholds.max_accuracy_drop=1.0", "thresholds.max_macro_f1_drop=1.0"], return_state=True)
+    assert state.is_completed(), state.message
+    assert run_deploy(stack, "test").is_completed()
+    assert alias(stack, "approved") == "2"
+
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def traffic():
+        while not done.is_set():
+            try:
+                statuses.append(predict(stack).status_code)
+            except httpx.TransportError:
+                statuses.append(0)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        state = run_deploy(stack, "production")
+    finally:
+        done.set()
+        sender.join()
+    assert state.is_completed(), state.message
+    assert len(statuses) > 10 and set(statuses) == {200}  # no request lost while traffic moved
+    assert predict(stack).json()["model"]["version"] == "2"
+    assert (alias(stack, "production"), alias(stack, "previous")) == ("2", "1")
+
+    state = run_deploy(stack, "production", "action=rollback")
+    assert state.is_completed(), state.message
+    assert predict(stack).json()["model"]["version"] == "1"
+    assert (alias(stack, "production"), alias(stack, "previous")) == ("1", "2")
+    assert alias(stack, "approved") is None  # v2 must pass the test environment again
+    servers = [p for p in psutil.process_iter(["cmdline"]) if "mlops.serving" in " ".join(p.info["cmdline"] or [])
+               and f"--port {stack[1]['production']}" in " ".join(p.info["cmdline"])]
+    assert len(servers) == 1  # the replaced server is gone
+
+
+def test_a_server_that_cannot_start_leaves_production_alone(stack):
+    mlflow = client(stack)
+    experiment = mlflow.get_experiment_by_name(MODEL).experiment_id
+    run_id = mlflow.create_run(experiment).info.run_id
+    source = mlflow.get_model_version(MODEL, "1")
+    corrupt = stack[0] / "corrupt" / "model.onnx"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"this is not an onnx model")
+    mlflow.log_artifact(run_id, str(corrupt), "model")
+    version = mlflow.create_model_version(MODEL, f"{mlflow.get_run(run_id).info.artifact_uri}/model", run_id=run_id)
+    for key in ("data_name", "data_version"):
+        mlflow.set_model_version_tag(MODEL, version.version, key, source.tags[key])
+    mlflow.set_registered_model_alias(MODEL, "approved", version.version)
+
+    state = run_deploy(stack, "production")
+    assert state.is_failed()
+    assert "exited before it was ready" in state.message and "cannot load" in state.message
+    assert alias(stack, "production") == "1"
+    assert predict(stack).json()["model"]["version"] == "1"  # the old server kept serving
+    live = deployment.read_live(stack[0] / "deploy" / "production")
+    assert live.version == "1" and deployment.is_running(live.pid)

@@ -1,0 +1,97 @@
+"""Deployment pieces without the flow: Kubernetes manifests, process control, application tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import kubernetes_validate
+import pytest
+import uvicorn
+
+from flows.config import load_config
+from mlops import deployment
+from mlops.inference import OnnxClassifier
+from mlops.serving import ServedModel, bind, create_app
+
+
+@pytest.fixture
+def production(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("DVC_REMOTE_URL", str(tmp_path))
+    return load_config(
+        "deploy", "production",
+        ["deploy=kubernetes", "deploy.kubernetes.replicas=3", "deploy.kubernetes.memory_limit=3Gi", f"paths.workspace={tmp_path}"],
+    )
+
+
+def test_manifests_are_valid_kubernetes_and_carry_the_config(production, tmp_path):
+    documents = deployment.render_manifests(production, "12")
+    for document in documents:
+        kubernetes_validate.validate(document, "1.31", strict=True)
+    path = deployment.write_manifests(documents, tmp_path / "k8s" / "model-server.yaml")
+    assert "&id" not in path.read_text()
+
+    deployment_doc, service = documents
+    spec = deployment_doc["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    assert spec["replicas"] == 3
+    assert spec["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"] == service["spec"]["selector"]
+    assert container["resources"]["limits"]["memory"] == "3Gi"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["command"][container["command"].index("--version") + 1] == "12"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.internal:5000"
+    assert env["MLOPS_API_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "model-server-token"
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_an_invalid_manifest_is_caught_by_the_validator(production):
+    document = deployment.render_manifests(production, "1")[0]
+    document["spec"]["replicas"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(document, "1.31", strict=True)
+
+
+def test_stop_server_only_signals_model_servers(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not deployment.is_running(other.pid)  # not a model server: never killed by pid reuse
+        deployment.stop_server(other.pid)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_application_tests_score_answers_over_http(tiny_onnx, tmp_path):
+    from conftest import write_image
+
+    model = OnnxClassifier(tiny_onnx)
+    app = create_app(ServedModel("pets", "1", model))
+    sock = bind("127.0.0.1", 0, reuse_port=False)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        files = [(write_image(tmp_path / f"{i}.png", seed=i), i % 3) for i in range(12)]
+        files.append((tmp_path / "broken.png", 0))
+        (tmp_path / "broken.png").write_bytes(b"not a png")
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        result = deployment.run_application_tests(url, files, ["cat", "dog", "fox"], concurrency=3)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+    from mlops.evaluation import classify
+
+    truth, predicted = classify(model, files[:-1])
+    assert result.requests == 13 and result.errors == 1 and result.statuses == {"200": 12, "422": 1}
+    assert result.error_rate == pytest.approx(1 / 13)
+    assert result.accuracy == pytest.approx((truth == predicted).sum() / 13)
+    assert result.latency_p95_ms >= result.latency_p50_ms > 0
