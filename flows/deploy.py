@@ -3,6 +3,7 @@
     python -m flows.deploy env=test                         # serve + test the candidate, approve it
     python -m flows.deploy env=production                   # release the approved version
     python -m flows.deploy env=production action=rollback   # put the previous version back
+    python -m flows.deploy env=production action=stop       # stop the environment's server
     python -m flows.deploy env=production deploy=kubernetes # render manifests instead
 
 Which of these a run does is configuration: `deploy.mode` (validate in env/test.yaml, release in
@@ -195,6 +196,18 @@ def release(config: DeployJob) -> DeployResult:
     return DeployResult(config.environment, config.action, ref.version, new.url, previous)
 
 
+def stop(config: DeployJob) -> DeployResult:
+    """Stop the environment's live server; aliases stay where they are."""
+    live = deployment.read_live(config.deploy.state_dir)
+    if live is None:
+        get_run_logger().info("no server recorded for %s", config.environment)
+        return DeployResult(config.environment, "stop", "", None)
+    stop_server(live)
+    deployment.write_live(config.deploy.state_dir, None)
+    get_run_logger().info("stopped version %s on %s (pid %d)", live.version, live.url, live.pid)
+    return DeployResult(config.environment, "stop", live.version, live.url)
+
+
 def render(config: DeployJob) -> DeployResult:
     """Kubernetes target: render the manifests for the version this run would deploy."""
     m = config.mlflow
@@ -214,6 +227,8 @@ def render(config: DeployJob) -> DeployResult:
 def deploy(env: str = "test", overrides: list[str] | None = None) -> DeployResult:
     """Deploy per `conf/deploy.yaml` in environment `env` with Hydra `overrides`."""
     config = load_config("deploy", env, list(overrides or []))
+    if config.action == "stop":
+        return stop(config)
     token(config)  # a missing token stops the run before anything starts
     if config.deploy.target == "kubernetes":
         return render(config)

@@ -205,7 +205,7 @@ class BuildConfig(Config):
 
 
 class DeployJob(Config):
-    action: Literal["release", "rollback"]
+    action: Literal["release", "rollback", "stop"]
 
 
 # The schema of each primary config under conf/.

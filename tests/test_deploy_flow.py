@@ -165,3 +165,13 @@ def test_a_server_that_cannot_start_leaves_production_alone(stack):
     assert predict(stack).json()["model"]["version"] == "1"  # the old server kept serving
     live = deployment.read_live(stack[0] / "deploy" / "production")
     assert live.version == "1" and deployment.is_running(live.pid)
+
+
+def test_stop_action_stops_the_production_server(stack):
+    live = deployment.read_live(stack[0] / "deploy" / "production")
+    assert deployment.is_running(live.pid)
+    state = run_deploy(stack, "production", "action=stop")
+    assert state.is_completed(), state.message
+    assert not deployment.is_running(live.pid)
+    assert deployment.read_live(stack[0] / "deploy" / "production") is None
+    assert alias(stack, "production") == "1"
