@@ -1,4 +1,4 @@
-"""Serving throughput and latency: our model server against `mlflow models serve` and in-process ONNX Runtime.
+"""Serving throughput and latency: our model server, `mlflow models serve` and in-process ONNX Runtime.
 
     python bench/serving.py [--concurrency 8] [--seconds 10] [--batch 32]
 
@@ -12,12 +12,13 @@ the same registered version, `image-classifier@candidate`, three ways:
    shape (n, 3, size, size), at `/invocations`. The preprocessing and the JSON encoding are done
    before the clock starts, so they are not counted against MLflow;
 3. the ceiling: `mlops.inference.OnnxClassifier` on the downloaded ONNX file in this process,
-   `image_to_array` + `logits` on one image, then on `--batch` images per call.
+   decoding + `image_to_array` + `logits` on one image per call, then on `--batch` images.
 
 Both servers get the same two loads: single-image requests, then requests of `--batch` images,
 each from `--concurrency` client threads with one `httpx.Client` each, for `--seconds` after a
-short warm-up. Client and server share the machine's cores, so the CPU each side used is
-printed with the results (in cores: CPU seconds per wall second).
+one-second warm-up. Request bodies are built before the clock starts. Client and server share
+the machine's cores, so the CPU used by the client, the server and everything else is printed
+with the results (in cores: CPU seconds per wall second).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,21 +105,21 @@ def wait_ready(process: subprocess.Popen, url: str, log_path: Path) -> None:
 def stop_server(process: subprocess.Popen) -> None:
     """SIGTERM to the server's process group, SIGKILL if it is still there after 10 s."""
     if process.poll() is not None:
-        print(f"warning: server {process.args[:3]} had already exited, status {process.returncode}", file=sys.stderr)
-    else:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        print(f"warning: server pid {process.pid} exited early, status {process.returncode}", file=sys.stderr)
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-# -- requests ------------------------------------------------------------------------------
+# -- requests: (path, body, headers, images) -------------------------------------------------
 
 
 def groups(items: list, size: int, count: int) -> list[list]:
@@ -157,8 +159,9 @@ def check_agreement(our_url: str, mlflow_url: str, ours: tuple, theirs: tuple, m
     """The three targets must serve the same model: compare their classes on one batch."""
     classes = model.spec.classes
     path, body, headers, _ = ours
-    results = httpx.post(our_url + path, content=body, headers=headers, timeout=60, trust_env=False).json()["results"]
-    our_classes = [result["prediction"] for result in results]
+    response = httpx.post(our_url + path, content=body, headers=headers, timeout=60, trust_env=False)
+    response.raise_for_status()
+    our_classes = [result["prediction"] for result in response.json()["results"]]
     path, body, headers, _ = theirs
     response = httpx.post(mlflow_url + path, content=body, headers=headers, timeout=60, trust_env=False)
     response.raise_for_status()
@@ -166,7 +169,9 @@ def check_agreement(our_url: str, mlflow_url: str, ours: tuple, theirs: tuple, m
     mlflow_classes = [classes[i] for i in logits.argmax(axis=1)]
     local_classes = [classes[i] for i in model.logits(np.stack(arrays)).argmax(axis=1)]
     if not our_classes == mlflow_classes == local_classes:
-        raise SystemExit(f"the targets disagree:\n ours   {our_classes}\n mlflow {mlflow_classes}\n local  {local_classes}")
+        raise SystemExit(
+            f"the targets disagree:\n ours   {our_classes}\n mlflow {mlflow_classes}\n local  {local_classes}"
+        )
     return f"all three targets predict the same classes for the first {len(arrays)} test images"
 
 
@@ -183,34 +188,37 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def machine_cpu_seconds() -> float:
-    """Busy CPU seconds of all cores, whoever used them."""
-    times = psutil.cpu_times()
-    return times.user + times.nice + times.system + times.irq + times.softirq
+def snapshot(server_pid: int | None) -> dict[str, float]:
+    """The wall clock, and the CPU seconds used so far by this process, the server and the machine."""
+    machine = psutil.cpu_times()
+    return {
+        "wall": time.perf_counter(),
+        "bench": time.process_time(),
+        "server": cpu_seconds(server_pid) if server_pid else 0.0,
+        "machine": machine.user + machine.nice + machine.system + machine.irq + machine.softirq,
+    }
 
 
-def summary(latencies: list[float], images: int, wall: float, bench_cpu: float, server_cpu: float, machine_cpu: float) -> dict:
+def summary(latencies: list[float], images: int, before: dict, after: dict, body_bytes: float | None) -> dict:
+    wall = after["wall"] - before["wall"]
+    cores = {key: (after[key] - before[key]) / wall for key in ("bench", "server", "machine")}
     p50, p95 = np.percentile(latencies, [50, 95]) * 1000.0
     return {
         "images_per_s": images / wall,
         "p50_ms": p50,
         "p95_ms": p95,
         "requests": len(latencies),
-        "bench_cores": bench_cpu / wall,
-        "server_cores": server_cpu / wall,
-        "other_cores": (machine_cpu - bench_cpu - server_cpu) / wall,
+        "body_kb": None if body_bytes is None else body_bytes / 1000.0,
+        "bench_cores": cores["bench"],
+        "server_cores": None if body_bytes is None else cores["server"],
+        "other_cores": cores["machine"] - cores["bench"] - cores["server"],
     }
 
 
 def http_load(url: str, server_pid: int, requests: list[tuple], concurrency: int, seconds: float) -> dict:
     """`concurrency` threads, one httpx.Client each, post `requests` in turn for `seconds` after a warm-up."""
-    start = {}
-
-    def mark_start():  # runs once, when every thread has warmed up
-        start["wall"], start["bench"], start["server"] = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
-        start["machine"] = machine_cpu_seconds()
-
-    barrier = threading.Barrier(concurrency, action=mark_start)
+    before = {}
+    barrier = threading.Barrier(concurrency, action=lambda: before.update(snapshot(server_pid)))
     results = [None] * concurrency
 
     def client_thread(index: int) -> None:
@@ -222,8 +230,8 @@ def http_load(url: str, server_pid: int, requests: list[tuple], concurrency: int
                     path, body, headers, _ = requests[i % len(requests)]
                     client.post(path, content=body, headers=headers).raise_for_status()
                     i += 1
-                barrier.wait()
-                deadline = start["wall"] + seconds
+                barrier.wait()  # the last thread to arrive takes the `before` snapshot
+                deadline = before["wall"] + seconds
                 while time.perf_counter() < deadline:
                     path, body, headers, n = requests[i % len(requests)]
                     sent = time.perf_counter()
@@ -242,14 +250,13 @@ def http_load(url: str, server_pid: int, requests: list[tuple], concurrency: int
         thread.start()
     for thread in threads:
         thread.join()
+    after = snapshot(server_pid)
     if any(result is None for result in results):
         raise SystemExit(f"{url}: a client thread failed (see its traceback above)")
-    wall = time.perf_counter() - start["wall"]
-    bench_cpu = time.process_time() - start["bench"]
-    server_cpu = cpu_seconds(server_pid) - start["server"]
-    machine_cpu = machine_cpu_seconds() - start["machine"]
     latencies = [latency for thread_latencies, _ in results for latency in thread_latencies]
-    return summary(latencies, sum(images for _, images in results), wall, bench_cpu, server_cpu, machine_cpu)
+    images = sum(thread_images for _, thread_images in results)
+    body_bytes = float(np.mean([len(body) for _, body, _, _ in requests]))
+    return summary(latencies, images, before, after, body_bytes)
 
 
 def in_process_load(model, pngs: list[bytes], size: int, seconds: float) -> dict:
@@ -265,15 +272,14 @@ def in_process_load(model, pngs: list[bytes], size: int, seconds: float) -> dict
     while time.perf_counter() < warmup_end:
         call(batches[0])
     latencies, images, i = [], 0, 0
-    start, start_cpu, start_machine = time.perf_counter(), time.process_time(), machine_cpu_seconds()
-    while time.perf_counter() < start + seconds:
+    before = snapshot(None)
+    while time.perf_counter() < before["wall"] + seconds:
         sent = time.perf_counter()
         call(batches[i % len(batches)])
         latencies.append(time.perf_counter() - sent)
         images += size
         i += 1
-    wall = time.perf_counter() - start
-    return summary(latencies, images, wall, time.process_time() - start_cpu, 0.0, machine_cpu_seconds() - start_machine)
+    return summary(latencies, images, before, snapshot(None), None)
 
 
 # -- report --------------------------------------------------------------------------------
@@ -281,18 +287,39 @@ def in_process_load(model, pngs: list[bytes], size: int, seconds: float) -> dict
 
 def table(rows: list[tuple[str, str, dict]], ours: dict[str, dict], ceiling: dict[str, dict]) -> str:
     lines = [
-        "| target | load | images/s | p50 ms | p95 ms | x ours | x ceiling | requests | bench CPU | server CPU | other CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | load | images/s | p50 ms | p95 ms | x ours | x ceiling | requests | KB/request"
+        " | bench CPU | server CPU | other CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for target, load, r in rows:
-        server = f"{r['server_cores']:.2f}" if target.startswith(("ours", "mlflow")) else "-"
+        body = "-" if r["body_kb"] is None else f"{r['body_kb']:.1f}"
+        server = "-" if r["server_cores"] is None else f"{r['server_cores']:.2f}"
         lines.append(
             f"| {target} | {load} | {r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f}"
             f" | {r['images_per_s'] / ours[load]['images_per_s']:.2f}"
             f" | {r['images_per_s'] / ceiling[load]['images_per_s']:.2f}"
-            f" | {r['requests']} | {r['bench_cores']:.2f} | {server} | {r['other_cores']:.2f} |"
+            f" | {r['requests']} | {body} | {r['bench_cores']:.2f} | {server} | {r['other_cores']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def notes(args: argparse.Namespace, agreement: str, input_size: int) -> str:
+    return "\n".join([
+        f"- {agreement}.",
+        "- load: `single` = one image per request (HTTP, from the client threads) or per call (in-process);"
+        f" `batch {args.batch}` = {args.batch} images per request or call. Latency is per request or call.",
+        "- x ours: images/s over our server's on the same load; x ceiling: over in-process ONNX Runtime"
+        " with the same images per call.",
+        "- our server receives PNG bytes and decodes, resizes and normalises them itself; MLflow cannot take"
+        " image bytes, so its client sends preprocessed float32 tensors as JSON (`{\"inputs\": [...]}`, shape"
+        f" (n, 3, {input_size}, {input_size})), built before the clock started: that client-side"
+        " preprocessing and JSON encoding are not counted.",
+        "- KB/request: mean request body.",
+        f"- bench / server / other CPU: cores used (CPU seconds per wall second; {os.cpu_count()} cores in all)"
+        " by this process (the client threads, or ONNX Runtime for the ceiling), by the server's processes"
+        " and by everything else on the machine. Client and server share the cores, so bench CPU is capacity"
+        " the server did not get; other CPU is load from outside the benchmark, which lowers every figure.",
+    ])
 
 
 def main() -> None:
@@ -318,11 +345,16 @@ def main() -> None:
     paths = sorted((workspace / "dvc" / "datasets" / "digits" / "test").glob("*/*.png"))
     pngs = [path.read_bytes() for path in paths]
     arrays = [image_to_array(Image.open(io.BytesIO(png)), model.spec) for png in pngs]
+    loads = {
+        "single": (our_single(pngs), mlflow_single(arrays)),
+        f"batch {args.batch}": (our_batch(pngs, args.batch), mlflow_batch(arrays, args.batch)),
+    }
 
-    # `mlflow models serve --env-manager local` runs `bash -c "exec uvicorn ..."`, found on PATH:
-    # without an activated virtual environment that is not ours (or is missing), so put its bin first.
+    # `mlflow models serve --env-manager local` runs `bash -c "exec uvicorn ..."`, looked up on PATH:
+    # without an activated virtual environment there is none there (exit status 127), so put this
+    # interpreter's bin directory first, as activating the environment would.
     bin_dir = Path(sys.executable).parent
-    env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     our_port, mlflow_port = free_port(), free_port()
     our_url, mlflow_url = f"http://127.0.0.1:{our_port}", f"http://127.0.0.1:{mlflow_port}"
     our_command = [
@@ -341,13 +373,9 @@ def main() -> None:
         servers.append(start_server(mlflow_command, env, workspace / "mlflow-server.log"))
         wait_ready(servers[0], our_url + "/ready", workspace / "our-server.log")
         wait_ready(servers[1], mlflow_url + "/ping", workspace / "mlflow-server.log")
-
-        loads = {
-            "single": (our_single(pngs), mlflow_single(arrays)),
-            f"batch {args.batch}": (our_batch(pngs, args.batch), mlflow_batch(arrays, args.batch)),
-        }
-        first = loads[f"batch {args.batch}"]
-        agreement = check_agreement(our_url, mlflow_url, first[0][0], first[1][0], model, groups(arrays, args.batch, 1)[0])
+        our_requests, mlflow_requests = loads[f"batch {args.batch}"]
+        first = groups(arrays, args.batch, count=1)[0]
+        agreement = check_agreement(our_url, mlflow_url, our_requests[0], mlflow_requests[0], model, first)
 
         rows, ours, ceiling = [], {}, {}
         for load, (our_requests, mlflow_requests) in loads.items():
@@ -376,21 +404,9 @@ def main() -> None:
         f" onnxruntime {onnxruntime.__version__}; {args.concurrency} client threads, {args.seconds:g} s per load\n"
     )
     print(table(rows, ours, ceiling))
-    print(
-        f"\n- {agreement}.\n"
-        "- load: `single` = one image per request (HTTP, from the client threads) or per call (in-process);"
-        f" `batch {args.batch}` = {args.batch} images per request or call. Latency is per request or call.\n"
-        "- x ours: images/s over our server's on the same load; x ceiling: over in-process ONNX Runtime"
-        " at the same images per call.\n"
-        "- our server receives PNG bytes and decodes, resizes and normalises them itself; MLflow cannot take"
-        " image bytes, so its client sends preprocessed float32 tensors as JSON (`{\"inputs\": [...]}`, shape"
-        f" (n, 3, {model.spec.input_size}, {model.spec.input_size})), prepared before the clock started: that"
-        " client-side preprocessing and JSON encoding are not counted.\n"
-        f"- bench / server / other CPU: cores used (CPU seconds per wall second, {os.cpu_count()} cores in all) by"
-        " this process (the client threads, or ONNX Runtime for the ceiling), by the server's processes, and by"
-        " everything else on the machine. Client and server share the cores, so bench CPU is capacity the server"
-        " did not get; other CPU is load from outside the benchmark that makes every figure lower."
-    )
+    print()
+    print(notes(args, agreement, model.spec.input_size))
+    shutil.rmtree(workspace)  # kept, with the servers' logs, when anything above failed
 
 
 if __name__ == "__main__":

@@ -95,6 +95,20 @@ def package_model(config: Config, trained: training.Trained, dataset: Dataset, r
 
 
 @task(cache_policy=NO_CACHE)
+def profile_reference(config: Config, onnx_path: Path, dataset: Dataset, run_id: str) -> None:
+    """The monitor's reference: whylogs profile of train-split image features and of the
+    model's outputs on the validation split, stored with the run (and so with the version)."""
+    from mlops.profiling import build_reference
+
+    client, _ = registry.connect(config.mlflow)
+    train = [path for path, _ in dataset.prepared.files("train")]
+    val = [path for path, _ in dataset.prepared.files("val")]
+    reference = build_reference(OnnxClassifier(onnx_path), train, val)
+    folder = reference.save(config.paths.workspace / "runs" / run_id / "reference")
+    client.log_artifacts(run_id, str(folder), registry.REFERENCE_ARTIFACT)
+
+
+@task(cache_policy=NO_CACHE)
 def evaluate_model(
     config: Config, onnx_path: Path, dataset: Dataset, run_id: str
 ) -> tuple[evaluation.Evaluation, evaluation.Evaluation | None, str]:
@@ -201,6 +215,7 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
         "mlops.flow": "build",
         "mlops.environment": config.environment,
         "mlops.overrides": " ".join(overrides),
+        "mlops.trigger": config.trigger or "manual",
     }
     if reused:
         run_tags["mlops.reused_run_id"] = reused
@@ -218,6 +233,7 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
             client.set_tag(run_id, registry.TRAIN_KEY_TAG, key)
             trained = train_model(config, dataset, run_id)
             onnx_path = package_model(config, trained, dataset, run_id)
+            profile_reference(config, onnx_path, dataset, run_id)
             source_run_id = run_id
 
         new, production, label = evaluate_model(config, onnx_path, dataset, run_id)

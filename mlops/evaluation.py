@@ -163,7 +163,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _check(name: str, value: float, op: str, bound: float, note: str = "") -> Check:
+def compare(name: str, value: float, op: str, bound: float, note: str = "") -> Check:
     passed = value >= bound if op == ">=" else value <= bound
     return Check(name, round(value, 6), bound, op, bool(passed), note)
 
@@ -179,16 +179,16 @@ def gate(
     worst = min(recalls, key=recalls.get)
     best = max(recalls, key=recalls.get)
     checks = [
-        _check("accuracy", new.accuracy, ">=", thresholds.min_accuracy),
-        _check("min_class_recall", recalls[worst], ">=", thresholds.min_class_recall, f"worst class '{worst}'"),
-        _check(
+        compare("accuracy", new.accuracy, ">=", thresholds.min_accuracy),
+        compare("min_class_recall", recalls[worst], ">=", thresholds.min_class_recall, f"worst class '{worst}'"),
+        compare(
             "recall_gap",
             recalls[best] - recalls[worst],
             "<=",
             thresholds.max_recall_gap,
             f"'{best}' {recalls[best]:.3f} - '{worst}' {recalls[worst]:.3f}",
         ),
-        _check("p95_latency_ms", new.latency_p95_ms, "<=", thresholds.max_p95_latency_ms, "ONNX, 1 image/call"),
+        compare("p95_latency_ms", new.latency_p95_ms, "<=", thresholds.max_p95_latency_ms, "ONNX, 1 image/call"),
     ]
     if production is None:
         note = production_label or "no production model yet: comparison skipped"
@@ -198,14 +198,14 @@ def gate(
         ]
     else:
         checks += [
-            _check(
+            compare(
                 "accuracy_vs_production",
                 new.accuracy,
                 ">=",
                 round(production.accuracy - thresholds.max_accuracy_drop, 6),
                 f"{production_label} accuracy {production.accuracy:.4f} - max_accuracy_drop",
             ),
-            _check(
+            compare(
                 "macro_f1_vs_production",
                 new.macro_f1,
                 ">=",
@@ -221,10 +221,10 @@ def application_gate(result, thresholds: ApplicationThresholds) -> GateReport:
     note = f"{result.requests} requests, statuses {result.statuses}"
     return GateReport(
         [
-            _check("app_accuracy", result.accuracy, ">=", thresholds.min_accuracy, note),
-            _check("app_macro_precision", result.macro_precision, ">=", thresholds.min_macro_precision),
-            _check("app_macro_recall", result.macro_recall, ">=", thresholds.min_macro_recall),
-            _check("app_p95_latency_ms", result.latency_p95_ms, "<=", thresholds.max_p95_latency_ms, "HTTP, end to end"),
-            _check("app_error_rate", result.error_rate, "<=", thresholds.max_error_rate),
+            compare("app_accuracy", result.accuracy, ">=", thresholds.min_accuracy, note),
+            compare("app_macro_precision", result.macro_precision, ">=", thresholds.min_macro_precision),
+            compare("app_macro_recall", result.macro_recall, ">=", thresholds.min_macro_recall),
+            compare("app_p95_latency_ms", result.latency_p95_ms, "<=", thresholds.max_p95_latency_ms, "HTTP, end to end"),
+            compare("app_error_rate", result.error_rate, "<=", thresholds.max_error_rate),
         ]
     )

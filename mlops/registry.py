@@ -23,6 +23,7 @@ from mlops.config import MlflowConfig
 from mlops.inference import OnnxClassifier
 
 MODEL_ARTIFACT = "model"
+REFERENCE_ARTIFACT = "reference"
 ONNX_FILE = "model.onnx"
 TRAIN_KEY_TAG = "mlops.train_key"
 PACKAGED_TAG = "mlops.packaged"
@@ -98,6 +99,14 @@ def download_model(client: MlflowClient, run_id: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     local = client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{ONNX_FILE}", str(dest))
     return Path(local)
+
+
+def download_reference(client: MlflowClient, run_id: str, dest: Path) -> Path | None:
+    """The run's monitoring reference folder, or None if it has none (an older version)."""
+    if not any(a.path == REFERENCE_ARTIFACT for a in client.list_artifacts(run_id)):
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, REFERENCE_ARTIFACT, str(dest)))
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,43 @@ def tiny_onnx(tmp_path_factory) -> Path:
 
     spec = ModelSpec(("cat", "dog", "fox"), 16, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
     return export_onnx(tiny_classifier(), spec, tmp_path_factory.mktemp("tiny") / "tiny.onnx", opset=18)
+
+
+class LiveApp:
+    """An ASGI app served by uvicorn on a free port of 127.0.0.1 in a thread: `with LiveApp(app) as url:`."""
+
+    def __init__(self, app, timeout_s: float = 20.0):
+        import threading
+
+        import uvicorn
+
+        from mlops.serving import bind
+
+        self.timeout_s = timeout_s
+        self.sock = bind("127.0.0.1", 0, reuse_port=False)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        import time
+
+        import httpx
+
+        self.thread.start()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self.url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                self.__exit__()
+                raise RuntimeError(f"the test server on {self.url} did not start")
+            time.sleep(0.05)
+
+    def __exit__(self, *_) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()

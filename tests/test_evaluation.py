@@ -12,6 +12,8 @@ THRESHOLDS = Thresholds(
     max_p95_latency_ms=10.0,
     max_accuracy_drop=0.02,
     max_macro_f1_drop=0.02,
+    application={"min_accuracy": 0.8, "min_macro_precision": 0.8, "min_macro_recall": 0.8,
+                 "max_p95_latency_ms": 100.0, "max_error_rate": 0.0},
 )
 
 
