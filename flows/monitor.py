@@ -65,11 +65,11 @@ def analyse(config: Config, ref: registry.VersionRef, start: datetime, end: date
     reference = Reference.load(folder) if folder else None
     classes = list(OnnxClassifier(registry.download_model(client, ref.run_id, workdir)).spec.classes)
     if traffic.requests == 0:
-        return report, traffic, reference, [], classes
+        return report, traffic, reference, classes
     live = deployment.read_live(config.deploy.state_dir)
     token = os.environ.get(config.serve.token_env) if config.serve.token_env else None
     metrics_text = monitoring.scrape(live.url + "/metrics", token) if live and live.version == ref.version else None
-    drift_section, drift = monitoring.drift_checks(traffic, reference, config.monitor)
+    drift_section, report.feature_drift = monitoring.drift_checks(traffic, reference, config.monitor)
     report.sections = {
         "integrity": monitoring.integrity_checks(traffic, config.monitor),
         "drift": drift_section,
@@ -77,7 +77,7 @@ def analyse(config: Config, ref: registry.VersionRef, start: datetime, end: date
         "telemetry": monitoring.telemetry_checks(traffic, metrics_text, config.monitor),
         "bias": monitoring.bias_checks(traffic, reference, classes, config.monitor),
     }
-    return report, traffic, reference, drift, classes
+    return report, traffic, reference, classes
 
 
 @task(cache_policy=NO_CACHE)
@@ -178,10 +178,10 @@ def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorRes
     end = datetime.now(UTC)
     start = end - monitoring.parse_duration(config.monitor.window)
     workdir = config.monitor.state_dir / "work" / end.strftime("%Y%m%dT%H%M%S")
-    report, traffic, reference, drift, classes = analyse(config, ref, start, end, workdir)
+    report, traffic, reference, classes = analyse(config, ref, start, end, workdir)
     for problem in report.unreadable:
         logger.warning("unreadable record skipped (file left in place): %s", problem)
-    page = monitoring.html_report(report, traffic, reference, drift, classes)
+    page = monitoring.html_report(report, traffic, reference, classes)
     run_id, location = publish(config, report, page)
     result = MonitorResult(report.outcome, ref.version, report.requests, [f"{s}.{c.name}" for s, c in report.breaches], report=location)
     if report.outcome == "no traffic":

@@ -115,18 +115,10 @@ def drift_checks(traffic: Traffic, reference: Reference | None, config: MonitorC
         for column in columns
     }
     scores = drift_scores(current, reference.profile, algorithms)
-    checks = [  # one per feature; the share of drifted features is what is bounded
-        Check(
-            f"drift_{s.feature}", round(s.score, 6), s.threshold,
-            "drift if " + (">" if s.algorithm == "hellinger" else "<"),
-            not s.drifted, f"{s.algorithm}: {'drift' if s.drifted else 'no drift'}",
-        )
-        for s in scores
-    ]
     share = sum(s.drifted for s in scores) / len(scores) if scores else 0.0
     drifted = [s.feature for s in scores if s.drifted]
-    summary = compare("drifted_share", share, "<=", rules.max_drift_share, f"drifted: {', '.join(drifted) or 'none'}")
-    return [summary, *checks], scores
+    note = f"{len(drifted)}/{len(scores)} features drifted: {', '.join(drifted) or 'none'}"
+    return [compare("drifted_share", share, "<=", rules.max_drift_share, note)], scores
 
 
 def labelled(traffic: Traffic) -> pd.DataFrame:
@@ -236,6 +228,7 @@ class MonitorReport:
     end: datetime
     requests: int
     sections: dict[str, list[Check]] = field(default_factory=dict)
+    feature_drift: list[FeatureDrift] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
 
     @property
@@ -253,6 +246,7 @@ class MonitorReport:
             "version": self.version, "start": self.start.isoformat(), "end": self.end.isoformat(),
             "requests": self.requests, "outcome": self.outcome, "unreadable": self.unreadable,
             "sections": {s: [c.__dict__ | {"verdict": c.verdict} for c in checks] for s, checks in self.sections.items()},
+            "feature_drift": [d.__dict__ for d in self.feature_drift],
         }
 
     def to_markdown(self) -> str:
@@ -264,7 +258,15 @@ class MonitorReport:
         for section, checks in self.sections.items():
             rows = "\n".join(f"| {c.name} | {_fmt(c.value)} | {c.op} {_fmt(c.bound)} | {c.verdict} | {c.note} |" for c in checks)
             body += f"\n### {section}\n\n| check | value | bound | verdict | note |\n|---|---|---|---|---|\n{rows}\n"
+        if self.feature_drift:
+            rows = "\n".join("| " + " | ".join(_drift_cells(d)) + " |" for d in self.feature_drift)
+            body += f"\n### drift per feature\n\n| feature | algorithm | score | threshold | drift |\n|---|---|---|---|---|\n{rows}\n"
         return head + body
+
+
+def _drift_cells(d: FeatureDrift) -> list[str]:
+    bound = f"{'>' if d.algorithm == 'hellinger' else '<'} {d.threshold:g}"
+    return [d.feature, d.algorithm, f"{d.score:.4g}", bound, "DRIFT" if d.drifted else "no"]
 
 
 def _fmt(value) -> str:
@@ -284,7 +286,7 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | None, drift: list[FeatureDrift], classes: list[str]) -> str:
+def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | None, classes: list[str]) -> str:
     """A self-contained page: the checks, reference-vs-current plots of drifted features and
     of predicted-class shares, and requests, latency and confidence over the window."""
     import matplotlib
@@ -293,7 +295,7 @@ def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | 
     import matplotlib.pyplot as plt
 
     images = []
-    drifted = [d.feature for d in drift if d.drifted]
+    drifted = [d.feature for d in report.feature_drift if d.drifted]
     if reference is not None and len(traffic.served):
         for feature in [f for f in drifted if f != "prediction"]:
             fig, ax = plt.subplots(figsize=(5, 3))
@@ -330,6 +332,12 @@ def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | 
             for c in checks
         )
         sections += f"<h2>{section}</h2><table><tr><th>check</th><th>value</th><th>bound</th><th>verdict</th><th>note</th></tr>{rows}</table>"
+        if section == "drift" and report.feature_drift:
+            rows = "".join(
+                f"<tr class='{'fail' if d.drifted else 'pass'}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in _drift_cells(d)) + "</tr>"
+                for d in report.feature_drift
+            )
+            sections += f"<h3>per feature</h3><table><tr><th>feature</th><th>algorithm</th><th>score</th><th>drift if</th><th>drift</th></tr>{rows}</table>"
     plots = "".join(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{html.escape(title)}</figcaption></figure>" for title, data in images)
     unreadable = "".join(f"<li>{html.escape(u)}</li>" for u in report.unreadable)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Monitor report v{report.version}</title>
