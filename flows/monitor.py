@@ -43,7 +43,7 @@ def served_version(config: Config) -> registry.VersionRef:
     client, _ = registry.connect(config.mlflow)
     name = config.mlflow.registered_model
     if config.monitor.version:
-        version = client.get_model_version(name, config.monitor.version)
+        version = client.get_model_version(name, str(config.monitor.version))
         return registry.VersionRef(name, str(version.version), version.run_id)
     live = deployment.read_live(config.deploy.state_dir)
     if live is not None:
@@ -126,8 +126,13 @@ def alert(config: Config, report: monitoring.MonitorReport, location: str) -> li
 
 
 @task(cache_policy=NO_CACHE)
-def trigger_retraining(config: Config, report: monitoring.MonitorReport, monitor_run_id: str) -> str | None:
-    """Start the build flow once per breach (cool-down), through its deployment or in-process."""
+def trigger_retraining(
+    config: Config, report: monitoring.MonitorReport, monitor_run_id: str, overrides: list[str]
+) -> str | None:
+    """Start the build flow once per breach (cool-down), through its deployment or in-process.
+
+    The build gets this run's own overrides (same stores), then `monitor.retrain.overrides`.
+    """
     logger = get_run_logger()
     policy = config.monitor.retrain
     reasons = sorted({f"{s}.{c.name}" for s, c in report.breaches if s in policy.sections})
@@ -139,7 +144,7 @@ def trigger_retraining(config: Config, report: monitoring.MonitorReport, monitor
         logger.info("retraining wanted (%s) but in cool-down since %s", ", ".join(reasons), state["last"])
         return None
     trigger = f"monitor/{flow_run.get_id() or monitor_run_id}"
-    overrides = [*policy.overrides, f"trigger={trigger}"]
+    overrides = [*overrides, *policy.overrides, f"trigger={trigger}"]
     started = None
     if policy.mode in ("deployment", "auto"):
         started = _run_deployment(policy.deployment, config.environment, overrides, strict=policy.mode == "deployment")
@@ -172,7 +177,8 @@ def _run_deployment(name: str, env: str, overrides: list[str], strict: bool) -> 
 @flow(name="monitor", log_prints=True)
 def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorResult:
     """Analyse the last `monitor.window` of traffic in environment `env`."""
-    config = load_config("monitor", env, list(overrides or []))
+    overrides = list(overrides or [])
+    config = load_config("monitor", env, overrides)
     logger = get_run_logger()
     ref = served_version(config)
     end = datetime.now(UTC)
@@ -188,7 +194,7 @@ def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorRes
         logger.info("no traffic for version %s in the last %s", ref.version, config.monitor.window)
         return result
     result.alerts_sent = alert(config, report, location)
-    result.retrain = trigger_retraining(config, report, run_id)
+    result.retrain = trigger_retraining(config, report, run_id, overrides)
     client, _ = registry.connect(config.mlflow)
     client.set_tag(run_id, "mlops.retrain", result.retrain or "none")
     logger.info("%s: %d requests, breaches %s", report.outcome, report.requests, result.breaches or "none")

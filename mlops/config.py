@@ -258,7 +258,7 @@ class RetrainPolicy(Section):
 
 class MonitorConfig(Section):
     window: str = Field(pattern=DURATION)
-    version: str | None = None
+    version: int | None = Field(default=None, ge=1)
     schedule: str
     state_dir: Path
     integrity: IntegrityRules

@@ -117,7 +117,7 @@ def wait_ready(server: LiveServer, timeout_s: float) -> dict:
     """Poll /ready (on the admin port if there is one) until it answers for our version."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not is_running(server.pid):
+        if not _alive(server.pid):
             raise DeployError(f"server for version {server.version} exited before it was ready:\n{log_tail(server)}")
         try:
             answer = httpx.get(server.admin_url + "/ready", timeout=2)
@@ -137,6 +137,15 @@ def log_tail(server: LiveServer, lines: int = 15) -> str:
         return "\n".join(Path(server.log).read_text().splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _alive(pid: int) -> bool:
+    """Exists and is not a zombie (a just-started child may not show its command line yet)."""
+    _reap(pid)
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def is_running(pid: int) -> bool:

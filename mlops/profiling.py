@@ -7,6 +7,7 @@ before the first import. Always import whylogs through it.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def whylogs():
     if not hasattr(np, "unicode_"):
         np.unicode_ = np.str_
     import whylogs as why
+
+    # constant columns (every image 8x8) make whylogs warn about histogram bins on every call
+    logging.getLogger("whylogs.viz.utils.quantile_stats").setLevel(logging.ERROR)
 
     return why
 

@@ -101,15 +101,15 @@ def read_window(root: Path, kind: str, start: datetime, end: datetime) -> Window
         if not path.exists():
             continue
         try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            unreadable.append(f"{path}: {error}")
+            lines = path.read_bytes().splitlines()
+        except OSError as error:
+            unreadable.append(f"{path}: {type(error).__name__}: {error}")
             continue
         for number, line in enumerate(lines, 1):
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode())
                 stamp = datetime.fromisoformat(record["time"])
-            except (ValueError, KeyError, TypeError) as error:
+            except (ValueError, KeyError, TypeError) as error:  # UnicodeDecodeError is a ValueError
                 unreadable.append(f"{path}:{number}: {type(error).__name__}: {error}")
                 continue
             if start <= stamp < end:

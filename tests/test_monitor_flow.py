@@ -1,0 +1,135 @@
+"""End-to-end monitor runs on loopback: a real build, real servers kept by the deploy flow,
+replayed traffic, a real alert receiver, and retraining through the build flow."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import Receiver
+from mlflow import MlflowClient
+
+from flows.build import build
+from flows.deploy import deploy
+from flows.monitor import monitor
+from mlops import deployment, traffic
+from mlops.records import hour_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+MODEL = "image-classifier"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("monitor-ws")
+    state = build(env="test", overrides=[f"paths.workspace={path}", "train.progress_bar=false"], return_state=True)
+    assert state.is_completed(), state.message
+    yield path
+    for live in path.glob("deploy/*/live.json"):
+        deployment.stop_server(json.loads(live.read_text())["pid"])
+
+
+def scenario(workspace: Path, name: str) -> list[str]:
+    """Overrides giving scenario `name` its own server port, state and records."""
+    port = deployment.free_port("127.0.0.1")
+    return [
+        f"paths.workspace={workspace}", "train.progress_bar=false", f"serve.port={port}",
+        f"deploy.state_dir={workspace}/deploy/{name}", f"serve.records.dir={workspace}/records/{name}",
+        f"monitor.state_dir={workspace}/monitor/{name}", "monitor.window=30m",
+    ]
+
+
+def serve(workspace: Path, overrides: list[str]) -> str:
+    state = deploy(env="test", overrides=[*overrides, "deploy.keep_test_server=true"], return_state=True)
+    assert state.is_completed(), state.message
+    return state.result().url
+
+
+def replay(workspace: Path, url: str, **options) -> traffic.ReplayResult:
+    result = traffic.replay(url, traffic.load_images(workspace / "dvc" / "datasets" / "digits" / "test"), **options)
+    assert result.ok == result.sent
+    time.sleep(1.5)  # the server flushes its records every second
+    return result
+
+
+def run_monitor(overrides: list[str], receiver: Receiver | None = None):
+    sinks = []
+    if receiver is not None:
+        import os
+
+        os.environ["MLOPS_ALERT_WEBHOOK_URL"] = receiver.url + "/hook"
+        os.environ["MLOPS_SLACK_WEBHOOK_URL"] = receiver.url + "/slack"
+        sinks = ["monitor.alerts.sinks=[log,webhook,slack]"]
+    state = monitor(env="test", overrides=[*overrides, *sinks], return_state=True)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+def checks_json(result) -> dict:
+    return json.loads(Path(result.report.removeprefix("file://")).with_name("checks.json").read_text())
+
+
+def test_an_empty_window_is_no_traffic(workspace):
+    result = run_monitor([*scenario(workspace, "empty"), "monitor.version=1"])
+    assert (result.outcome, result.requests, result.retrain) == ("no traffic", 0, None)
+    assert "no traffic to plot" in Path(result.report.removeprefix("file://")).read_text()
+
+
+def test_replay_without_drift_is_healthy_and_silent(workspace):
+    overrides = scenario(workspace, "clean")
+    url = serve(workspace, overrides)
+    replay(workspace, url)
+    with Receiver() as receiver:
+        result = run_monitor(overrides, receiver)
+    assert result.outcome == "healthy", result.breaches
+    assert result.requests == 120  # the application tests and the replay
+    assert receiver.received == [] and result.alerts_sent == [] and result.retrain is None
+    sections = checks_json(result)["sections"]
+    assert sections["drift"][0]["name"] == "drifted_share" and sections["drift"][0]["verdict"] == "pass"
+    assert {c["note"] for c in sections["performance"]} == {"not enough labels: 0 < 20"}
+    assert {c["name"] for c in sections["telemetry"]} == {"request_rate_per_min", "p95_latency_ms", "error_rate"}
+
+
+def test_unreadable_record_files_are_reported_and_left_alone(workspace):
+    overrides = scenario(workspace, "clean")
+    garbage = hour_file(workspace / "records" / "clean", "requests", datetime.now(UTC) - timedelta(hours=1))
+    before = garbage.read_bytes() if garbage.exists() else b""  # only if the tests crossed an hour
+    garbage.parent.mkdir(parents=True, exist_ok=True)
+    garbage.write_bytes(before + b"\x00\xffnot records")
+    result = run_monitor([*overrides, "monitor.window=3h"])
+    assert any(str(garbage) in line for line in checks_json(result)["unreadable"])
+    assert garbage.read_bytes().endswith(b"\x00\xffnot records")  # left in place
+    assert result.outcome != "no traffic"
+
+
+def test_drift_alerts_once_and_retrains_once(workspace):
+    overrides = scenario(workspace, "drift")
+    url = serve(workspace, overrides)
+    replay(workspace, url, requests=120, drift="brightness", feedback_share=0.5)
+    with Receiver() as receiver:
+        first = run_monitor(overrides, receiver)
+        second = run_monitor(overrides, receiver)
+
+    assert first.outcome == "breach" and "drift.drifted_share" in first.breaches
+    drift = {d["feature"]: d["drifted"] for d in checks_json(first)["feature_drift"]}
+    assert drift["brightness"] and not drift["width"]
+    hooks = [body for path, body in receiver.received if path == "/hook"]
+    assert len(hooks) == 1  # the second run is inside the quiet period
+    alert = next(a for a in hooks[0]["alerts"] if a["check"] == "drifted_share")
+    assert alert["version"] == "1" and alert["value"] > alert["bound"] and alert["report"] == first.report
+    assert any("drifted_share" in body["text"] for path, body in receiver.received if path == "/slack")
+
+    assert first.retrain.startswith("in-process build, COMPLETED")  # no deployment here: in-process
+    assert second.retrain is None and second.outcome == "breach"  # cool-down: one breach, one build
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    client = MlflowClient(uri, uri)
+    builds = client.search_runs([client.get_experiment_by_name(MODEL).experiment_id], "tags.`mlops.trigger` LIKE 'monitor/%'")
+    assert len(builds) == 1
+    monitor_runs = client.search_runs([client.get_experiment_by_name(f"{MODEL}-monitor").experiment_id])
+    assert sum(r.data.tags.get("mlops.retrain", "none") != "none" for r in monitor_runs) == 1
+    report = Path(first.report.removeprefix("file://")).read_text()
+    assert "brightness (drifted)" in report or "brightness: reference vs current" in report
