@@ -239,8 +239,12 @@ def run_application_tests(
         except httpx.TransportError:
             return 0, None, (time.perf_counter() - start) * 1000.0
         latency = (time.perf_counter() - start) * 1000.0
-        label = answer.json().get("prediction") if answer.status_code == 200 else None
-        return answer.status_code, label, latency
+        if answer.status_code != 200:
+            return answer.status_code, None, latency
+        try:
+            return 200, answer.json()["prediction"], latency
+        except (ValueError, KeyError, TypeError):  # a 200 that is not a prediction is an error too
+            return -1, None, latency
 
     clients = [httpx.Client(timeout=30) for _ in range(concurrency)]
     started = time.perf_counter()

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 
 import kubernetes_validate
 import pytest
-import uvicorn
+from conftest import LiveApp, write_image
 
 from flows.config import load_config
 from mlops import deployment
 from mlops.inference import OnnxClassifier
-from mlops.serving import ServedModel, bind, create_app
+from mlops.serving import ServedModel, create_app
 
 
 @pytest.fixture
@@ -68,25 +66,12 @@ def test_stop_server_only_signals_model_servers(tmp_path):
 
 
 def test_application_tests_score_answers_over_http(tiny_onnx, tmp_path):
-    from conftest import write_image
-
     model = OnnxClassifier(tiny_onnx)
-    app = create_app(ServedModel("pets", "1", model))
-    sock = bind("127.0.0.1", 0, reuse_port=False)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        files = [(write_image(tmp_path / f"{i}.png", seed=i), i % 3) for i in range(12)]
-        files.append((tmp_path / "broken.png", 0))
-        (tmp_path / "broken.png").write_bytes(b"not a png")
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    files = [(write_image(tmp_path / f"{i}.png", seed=i), i % 3) for i in range(12)]
+    files.append((tmp_path / "broken.png", 0))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with LiveApp(create_app(ServedModel("pets", "1", model))) as url:
         result = deployment.run_application_tests(url, files, ["cat", "dog", "fox"], concurrency=3)
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
     from mlops.evaluation import classify
 

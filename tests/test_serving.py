@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -11,37 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from conftest import LiveApp
 from PIL import Image
 
 from mlops.inference import OnnxClassifier
 from mlops.records import RecordWriter, read_window
-from mlops.serving import Limits, ServedModel, bind, create_app
+from mlops.serving import Limits, ServedModel, create_app
 
 TOKEN = "s3cret-token"
-
-
-class LiveServer:
-    def __init__(self, app, tmp: Path):
-        self.sock = bind("127.0.0.1", 0, reuse_port=False)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *_):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def png(size=(20, 20), color=(200, 30, 30), fmt="PNG") -> bytes:
@@ -60,30 +36,30 @@ def server(tiny_onnx, records_dir, tmp_path):
     served = ServedModel("pets", "7", OnnxClassifier(tiny_onnx))
     writer = RecordWriter(records_dir, max_mb=10, max_age_days=1, flush_s=0.1)
     app = create_app(served, Limits(max_body_bytes=50_000, max_pixels=500 * 500, max_batch_images=4), None, writer)
-    with LiveServer(app, tmp_path) as live:
-        yield live
+    with LiveApp(app) as url:
+        yield url
 
 
 def test_predict_multipart_and_raw_bytes(server):
-    by_form = httpx.post(server.url + "/predict", files={"file": ("a.png", png(), "image/png")})
+    by_form = httpx.post(server + "/predict", files={"file": ("a.png", png(), "image/png")})
     assert by_form.status_code == 200, by_form.text
     body = by_form.json()
     assert body["model"] == {"name": "pets", "version": "7"}
     assert body["prediction"] in ("cat", "dog", "fox") and len(body["request_id"]) == 32
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    raw = httpx.post(server.url + "/predict", content=png(), headers={"content-type": "image/png"})
+    raw = httpx.post(server + "/predict", content=png(), headers={"content-type": "image/png"})
     assert raw.status_code == 200 and raw.json()["probabilities"] == pytest.approx(body["probabilities"])
 
 
 def test_batch_endpoint_answers_each_image_and_flags_bad_ones(server):
     files = [("files", ("a.png", png(), "image/png")), ("files", ("b.jpg", png(fmt="JPEG"), "image/jpeg")),
              ("files", ("c.png", b"junk", "image/png"))]
-    response = httpx.post(server.url + "/predict/batch", files=files)
+    response = httpx.post(server + "/predict/batch", files=files)
     assert response.status_code == 200
     results = response.json()["results"]
     assert [("prediction" in r, r.get("error")) for r in results] == [(True, None), (True, None), (False, "not_an_image")]
     too_many = [("files", (f"{i}.png", png(), "image/png")) for i in range(5)]
-    assert httpx.post(server.url + "/predict/batch", files=too_many).json()["error"] == "too_many_images"
+    assert httpx.post(server + "/predict/batch", files=too_many).json()["error"] == "too_many_images"
 
 
 @pytest.mark.parametrize(
@@ -102,35 +78,35 @@ def test_batch_endpoint_answers_each_image_and_flags_bad_ones(server):
     ],
 )
 def test_bad_input_gets_a_4xx_json_error_and_the_server_stays_up(server, kwargs, status, kind):
-    response = httpx.post(server.url + "/predict", **kwargs)
+    response = httpx.post(server + "/predict", **kwargs)
     assert response.status_code == status, response.text
     assert response.json()["error"] == kind and response.json()["detail"]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    assert f'mlops_errors_total{{kind="{kind}"}} 1.0' in httpx.get(server.url + "/metrics").text
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    assert f'mlops_errors_total{{kind="{kind}"}} 1.0' in httpx.get(server + "/metrics").text
 
 
 def test_ready_reports_the_model_and_metrics_count_requests(server):
-    assert httpx.get(server.url + "/ready").json() == {
+    assert httpx.get(server + "/ready").json() == {
         "ready": True, "model": "pets", "version": "7", "classes": ["cat", "dog", "fox"]
     }
     for _ in range(3):
-        httpx.post(server.url + "/predict", content=png(), headers={"content-type": "image/png"})
-    text = httpx.get(server.url + "/metrics").text
+        httpx.post(server + "/predict", content=png(), headers={"content-type": "image/png"})
+    text = httpx.get(server + "/metrics").text
     assert 'mlops_model_info{model="pets",version="7"} 1.0' in text
     assert 'mlops_requests_total{endpoint="/predict",status="200"} 3.0' in text
     assert 'mlops_request_latency_seconds_count{endpoint="/predict"} 3.0' in text
     assert sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("mlops_predictions_total{")) == 3
-    assert "/predict" in httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert "/predict" in httpx.get(server + "/openapi.json").json()["paths"]
 
 
 def test_records_and_feedback_are_written_for_the_monitor(server, records_dir):
-    ok = httpx.post(server.url + "/predict", content=png(color=(10, 10, 10)), headers={"content-type": "image/png"}).json()
-    httpx.post(server.url + "/predict", content=b"junk", headers={"content-type": "image/png"})
-    accepted = httpx.post(server.url + "/feedback", json={"request_id": ok["request_id"], "label": "dog"})
+    ok = httpx.post(server + "/predict", content=png(color=(10, 10, 10)), headers={"content-type": "image/png"}).json()
+    httpx.post(server + "/predict", content=b"junk", headers={"content-type": "image/png"})
+    accepted = httpx.post(server + "/feedback", json={"request_id": ok["request_id"], "label": "dog"})
     assert accepted.status_code == 202
-    unknown = httpx.post(server.url + "/feedback", json={"request_id": ok["request_id"], "label": "cow"})
+    unknown = httpx.post(server + "/feedback", json={"request_id": ok["request_id"], "label": "cow"})
     assert unknown.status_code == 422 and unknown.json()["error"] == "unknown_label"
-    malformed = httpx.post(server.url + "/feedback", json={"request_id": "nope"})
+    malformed = httpx.post(server + "/feedback", json={"request_id": "nope"})
     assert malformed.status_code == 422 and "label" in malformed.json()["detail"]
     time.sleep(0.5)  # the writer flushes every 0.1 s
 
@@ -148,24 +124,24 @@ def test_records_and_feedback_are_written_for_the_monitor(server, records_dir):
 def test_concurrent_requests_are_batched(server):
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(
-            lambda _: httpx.post(server.url + "/predict", content=png(), headers={"content-type": "image/png"}).status_code,
+            lambda _: httpx.post(server + "/predict", content=png(), headers={"content-type": "image/png"}).status_code,
             range(64),
         ))
     assert answers == [200] * 64
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server + "/metrics").text
     count = float(next(l for l in text.splitlines() if l.startswith("mlops_batch_size_count")).split()[-1])
     assert count < 64  # fewer model calls than requests
 
 
 def test_bearer_token_is_required_when_configured(tiny_onnx, tmp_path):
     app = create_app(ServedModel("pets", "1", OnnxClassifier(tiny_onnx)), token=TOKEN)
-    with LiveServer(app, tmp_path) as live:
+    with LiveApp(app) as url:
         image = {"content": png(), "headers": {"content-type": "image/png"}}
-        missing = httpx.post(live.url + "/predict", **image)
+        missing = httpx.post(url + "/predict", **image)
         assert missing.status_code == 401 and missing.json()["error"] == "unauthorized"
         assert missing.headers["www-authenticate"] == "Bearer"
-        wrong = httpx.post(live.url + "/predict", content=png(), headers={"content-type": "image/png", "authorization": "Bearer nope"})
+        wrong = httpx.post(url + "/predict", content=png(), headers={"content-type": "image/png", "authorization": "Bearer nope"})
         assert wrong.status_code == 401
-        right = httpx.post(live.url + "/predict", content=png(), headers={"content-type": "image/png", "authorization": f"Bearer {TOKEN}"})
+        right = httpx.post(url + "/predict", content=png(), headers={"content-type": "image/png", "authorization": f"Bearer {TOKEN}"})
         assert right.status_code == 200
-        assert httpx.get(live.url + "/ready").status_code == 200  # probes stay open
+        assert httpx.get(url + "/ready").status_code == 200  # probes stay open
