@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.chain import start_deployment
 from flows.config import load_config, run_cli, to_yaml
 from mlops import data as data_lib
 from mlops import evaluation, lineage, packaging, registry, training, versioning
@@ -43,6 +44,7 @@ class BuildResult:
     model_name: str
     version: str | None
     reused_run_id: str | None
+    chained: str | None = None  # the flow run started by chain.after_build
 
 
 @task(cache_policy=NO_CACHE)
@@ -244,8 +246,10 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
 
         ref = register_model(config, dataset, source_run_id, run_id, new, report, trace, overrides)
         client.set_tag(run_id, "mlops.model_version", ref.version)
+        chained = start_deployment(config.chain.after_build) if config.chain.after_build else None
+        client.set_tag(run_id, "mlops.chained", chained or "none")
         client.set_terminated(run_id, "FINISHED")
-        return BuildResult(run_id, dataset.version, ref.name, ref.version, reused)
+        return BuildResult(run_id, dataset.version, ref.name, ref.version, reused, chained)
     except BaseException as error:
         client.set_tag(run_id, "mlops.error", f"{type(error).__name__}: {error}"[:5000])
         client.set_terminated(run_id, "FAILED")

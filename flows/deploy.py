@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.chain import start_deployment
 from flows.config import load_config, run_cli
 from mlops import deployment, evaluation, registry, versioning
 from mlops.config import DeployJob
@@ -37,6 +38,7 @@ class DeployResult:
     url: str | None
     previous_version: str | None = None
     manifests: str | None = None
+    chained: str | None = None  # the flow run started by chain.after_validate
 
 
 def token(config: DeployJob) -> str | None:
@@ -150,7 +152,9 @@ def validate(config: DeployJob) -> DeployResult:
         raise DeployError(f"application tests failed for version {ref.version}: {failures}")
     client.set_registered_model_alias(ref.name, config.mlflow.approved_alias, ref.version)
     logger.info("version %s approved for production (alias '%s')", ref.version, config.mlflow.approved_alias)
-    return DeployResult(config.environment, "validate", ref.version, server.url if config.deploy.keep_test_server else None)
+    chained = start_deployment(config.chain.after_validate) if config.chain.after_validate else None
+    url = server.url if config.deploy.keep_test_server else None
+    return DeployResult(config.environment, "validate", ref.version, url, chained=chained)
 
 
 def release(config: DeployJob) -> DeployResult:

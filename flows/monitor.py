@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.chain import start_deployment
 from flows.config import load_config, run_cli
 from mlops import deployment, monitoring, registry
 from mlops.config import Config
@@ -146,12 +147,16 @@ def trigger_retraining(
     trigger = f"monitor/{flow_run.get_id() or monitor_run_id}"
     overrides = [*overrides, *policy.overrides, f"trigger={trigger}"]
     started = None
-    if policy.mode in ("deployment", "auto"):
-        started = _run_deployment(policy.deployment, config.environment, overrides, strict=policy.mode == "deployment")
+    if policy.mode != "in_process":
+        run_id = start_deployment(policy.deployment, {"env": config.environment, "overrides": overrides})
+        if run_id is not None:
+            started = f"flow run {run_id} of deployment {policy.deployment}"
+        elif policy.mode == "deployment":
+            raise RuntimeError(f"monitor.retrain.deployment {policy.deployment} does not exist (mode: deployment)")
     if started is None:
         from flows.build import build
 
-        logger.info("no deployment %s: building in-process", policy.deployment)
+        logger.info("building in-process (monitor.retrain.mode: %s)", policy.mode)
         state_of_build = build(env=config.environment, overrides=overrides, return_state=True)
         started = f"in-process build, {state_of_build.type.value}"
         if state_of_build.is_completed():
@@ -159,19 +164,6 @@ def trigger_retraining(
     monitoring.save_state(state_path, {"last": now.isoformat(), "reasons": reasons, "started": started, "monitor_run": monitor_run_id})
     logger.warning("retraining started (%s): %s", ", ".join(reasons), started)
     return started
-
-
-def _run_deployment(name: str, env: str, overrides: list[str], strict: bool) -> str | None:
-    from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        run = run_deployment(name=name, parameters={"env": env, "overrides": overrides}, timeout=0)
-    except ObjectNotFound:
-        if strict:
-            raise
-        return None
-    return f"flow run {run.id} of deployment {name}"
 
 
 @flow(name="monitor", log_prints=True)

@@ -259,7 +259,6 @@ class RetrainPolicy(Section):
 class MonitorConfig(Section):
     window: str = Field(pattern=DURATION)
     version: int | None = Field(default=None, ge=1)
-    schedule: str
     state_dir: Path
     integrity: IntegrityRules
     drift: DriftRules
@@ -268,6 +267,11 @@ class MonitorConfig(Section):
     bias: BiasRules
     alerts: AlertPolicy
     retrain: RetrainPolicy
+
+
+class ChainConfig(Section):
+    after_build: str | None = Field(default=None, pattern=r"^[^/]+/[^/]+$")
+    after_validate: str | None = Field(default=None, pattern=r"^[^/]+/[^/]+$")
 
 
 class Config(Section):
@@ -285,6 +289,7 @@ class Config(Section):
     serve: ServeConfig
     deploy: DeployConfig
     monitor: MonitorConfig
+    chain: ChainConfig
 
 
 class BuildConfig(Config):

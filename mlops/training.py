@@ -102,6 +102,24 @@ def model_spec(config: Config, classes: list[str]) -> ModelSpec:
     return ModelSpec(tuple(classes), config.data.input_size, config.data.mean, config.data.std)
 
 
+def trainer_settings(config: Config) -> dict:
+    """`lightning.Trainer` arguments from `conf/train`: the same YAML runs on a CPU or on DDP."""
+    t = config.train
+    return {
+        "max_epochs": t.max_epochs,
+        "accelerator": t.accelerator,
+        "devices": t.devices,
+        "strategy": t.strategy,
+        "num_nodes": t.num_nodes,
+        "precision": t.precision,
+        "deterministic": t.deterministic,
+        "enable_progress_bar": t.progress_bar,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+    }
+
+
 def train(config: Config, data: Prepared, workdir: Path, logger=None) -> Trained:
     """Fit the configured network on `data` (train/val splits); `logger` is a Lightning logger."""
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -118,21 +136,7 @@ def train(config: Config, data: Prepared, workdir: Path, logger=None) -> Trained
         for split in ("train", "val")
     }
     module = Classifier(build_network(config.model, len(data.classes)), t.optimizer, t.learning_rate, t.weight_decay)
-    trainer = pl.Trainer(
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        deterministic=t.deterministic,
-        enable_progress_bar=t.progress_bar,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        logger=logger if logger is not None else False,
-        default_root_dir=str(workdir),
-        log_every_n_steps=1,
-    )
+    trainer = pl.Trainer(**trainer_settings(config), logger=logger if logger is not None else False, default_root_dir=str(workdir))
     trainer.fit(module, loaders["train"], loaders["val"])
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     network = module.network.cpu()

@@ -140,3 +140,18 @@ def test_a_dataset_and_a_model_added_by_yaml_alone(conf_copy, tmp_path):
     assert config.data.validation.min_image_size == 32  # inherited from imagefolder
     assert config.data.max_per_class == 40  # the test overlay still applies
     assert config.model.name == "efficientnet_b0"
+
+
+def test_production_scales_out_by_configuration(monkeypatch, tmp_path):
+    """DDP over GPUs and nodes, a tracking server and an object-store DVC remote: all config."""
+    from mlops.training import trainer_settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow@db.internal/mlflow")
+    monkeypatch.setenv("DVC_REMOTE_URL", "s3://datasets/dvc")
+    monkeypatch.setenv("MLOPS_NUM_NODES", "4")
+    config = load_config("build", "production", ["train=ddp", f"paths.workspace={tmp_path}"])
+    settings = trainer_settings(config)
+    assert (settings["strategy"], settings["num_nodes"], settings["accelerator"]) == ("ddp", 4, "gpu")
+    assert settings["precision"] == "16-mixed" and config.train.learning_rate == 1e-3  # the rest from default
+    assert config.mlflow.tracking_uri.startswith("postgresql://") and config.dvc.remote.startswith("s3://")
+    assert config.serve.token_env == "MLOPS_API_TOKEN" and config.deploy.mode == "release"
