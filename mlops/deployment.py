@@ -114,14 +114,17 @@ def start_server(config: Config, version: str, state_dir: Path, reuse_port: bool
 
 
 def wait_ready(server: LiveServer, timeout_s: float) -> dict:
-    """Poll /ready (on the admin port if there is one) until it answers for our version."""
+    """Poll /ready (on the admin port if there is one) until our process answers it.
+
+    The pid check matters: another server may hold the port, and its answer is not ours.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not _alive(server.pid):
             raise DeployError(f"server for version {server.version} exited before it was ready:\n{log_tail(server)}")
         try:
             answer = httpx.get(server.admin_url + "/ready", timeout=2)
-            if answer.status_code == 200 and answer.json().get("version") == server.version:
+            if answer.status_code == 200 and answer.json().get("pid") == server.pid:
                 return answer.json()
         except (httpx.TransportError, ValueError):
             pass

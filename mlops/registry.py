@@ -38,6 +38,9 @@ def connect(settings: MlflowConfig) -> tuple[MlflowClient, str]:
     if experiment is not None:
         return client, experiment.experiment_id
     location = settings.artifact_location
+    if location is None and settings.tracking_uri.startswith("sqlite:///"):
+        # a local database keeps its artifacts beside it, never in the working directory
+        location = str(Path(settings.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts")
     if location and "://" not in location:
         location = Path(location).resolve().as_uri()
     return client, client.create_experiment(settings.experiment, artifact_location=location)

@@ -374,7 +374,7 @@ def create_app(
 
     @app.get("/ready", summary="The model is loaded")
     async def ready():
-        return {"ready": True, "model": served.name, "version": served.version, "classes": list(classes)}
+        return {"ready": True, "model": served.name, "version": served.version, "classes": list(classes), "pid": os.getpid()}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus():

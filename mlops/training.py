@@ -132,6 +132,8 @@ def train(config: Config, data: Prepared, workdir: Path, logger=None) -> Trained
             shuffle=split == "train",
             num_workers=t.num_workers,
             persistent_workers=t.num_workers > 0,
+            # forked workers inherit the flow engine's threads and die at shutdown; spawn is clean
+            multiprocessing_context="spawn" if t.num_workers > 0 else None,
         )
         for split in ("train", "val")
     }

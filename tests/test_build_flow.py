@@ -111,7 +111,8 @@ def test_gate_compares_with_the_production_model_on_the_same_split(first_build, 
     client = client_for(workspace)
     client.set_registered_model_alias(MODEL, "production", first_build.version)
     state = run_build(
-        workspace, "train.learning_rate=0.003", "thresholds.max_accuracy_drop=0.5", "thresholds.max_macro_f1_drop=0.5"
+        workspace, "train.learning_rate=0.003", "thresholds.max_accuracy_drop=0.5", "thresholds.max_macro_f1_drop=0.5",
+        "train.num_workers=1",  # data loader worker processes inside a Prefect task
     )
     assert state.is_completed(), state.message
     result = state.result()

@@ -1,0 +1,113 @@
+"""The whole loop on the embedded defaults, in one command:
+
+    python -m flows.demo [workspace=demo-workspace] [port=8000] [test_port=8100] [keep=true] [Hydra overrides ...]
+
+build -> deploy to test -> release to production -> replay drifted traffic with feedback ->
+monitor (alert, retrain) -> the retrained version through the build gate and the test
+environment again. Production runs locally: its stores are the workspace's (the variables
+env=production reads are set here unless already set), its token is generated if missing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows.build import build
+from flows.deploy import deploy
+from flows.monitor import monitor
+from mlops import deployment, traffic
+
+
+def production_variables(workspace: Path) -> dict[str, str]:
+    """What conf/env/production.yaml reads, pointed at the local workspace (existing values win)."""
+    defaults = {
+        "MLOPS_WORKSPACE": str(workspace),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db",
+        "DVC_REMOTE_URL": str(workspace / "dvc-remote"),
+        "MLOPS_API_TOKEN": secrets.token_urlsafe(16),
+    }
+    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+
+
+@flow(name="demo", log_prints=True)
+def demo(
+    workspace: str = "demo-workspace",
+    port: int = 8000,
+    test_port: int = 8100,
+    keep: bool = True,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Run the loop; returns what each stage produced. `keep=False` stops the servers at the end."""
+    logger = get_run_logger()
+    root = Path(workspace).resolve()
+    os.environ.update(production_variables(root))
+    common = [f"paths.workspace={root}", "train.progress_bar=false", *(overrides or [])]
+    test, production = [*common, f"serve.port={test_port}"], [*common, f"serve.port={port}"]
+    summary: dict[str, object] = {}
+    try:
+        first = build(env="test", overrides=common)
+        summary["build"] = f"version {first.version} (data {first.data_version})"
+        summary["deploy test"] = f"version {deploy(env='test', overrides=test).version} approved"
+        released = deploy(env="production", overrides=production)
+        summary["release"] = f"version {released.version} live on {released.url}"
+
+        images = traffic.load_images(root / "dvc" / "datasets" / "digits" / "test")
+        token = os.environ["MLOPS_API_TOKEN"]
+        clean = traffic.replay(released.url, images, feedback_share=0.5, token=token)
+        drifted = traffic.replay(released.url, images, requests=2 * len(images), drift="brightness",
+                                 feedback_share=0.5, token=token, seed=1)
+        summary["traffic"] = f"{clean.summary()} | drifted: {drifted.summary()}"
+        time.sleep(1.5)  # the server flushes its records every second
+
+        watched = monitor(env="production", overrides=[*production, "monitor.window=30m"])
+        summary["monitor"] = f"{watched.outcome}: {', '.join(watched.breaches) or 'no breach'}; report {watched.report}"
+        summary["alerts"] = ", ".join(watched.alerts_sent) or "none"
+        summary["retrain"] = watched.retrain or "not triggered"
+        if watched.retrain and "COMPLETED" in watched.retrain:
+            again = deploy(env="test", overrides=test, return_state=True)
+            summary["retrained version in test"] = (
+                f"version {again.result().version} approved" if again.is_completed() else f"failed: {again.message}"
+            )
+    finally:
+        if not keep:
+            for env in ("test", "production"):
+                live = deployment.read_live(root / "deploy" / env)
+                if live is not None:
+                    deployment.stop_server(live.pid)
+                    deployment.write_live(root / "deploy" / env, None)
+    for stage, outcome in summary.items():
+        logger.info("%-26s %s", stage, outcome)
+    if keep:
+        logger.info(
+            "production is still serving: curl -H 'Authorization: Bearer %s' -F file=@%s http://127.0.0.1:%d/predict"
+            " ; stop it with: MLOPS_WORKSPACE=%s python -m flows.deploy env=production action=stop",
+            os.environ["MLOPS_API_TOKEN"], images[0][0], port, root,
+        )
+    return summary
+
+
+def main() -> None:
+    options, overrides = {}, []
+    for item in sys.argv[1:]:
+        key, _, value = item.partition("=")
+        if key in ("workspace", "port", "test_port", "keep"):
+            options[key] = value
+        else:
+            overrides.append(item)
+    demo(
+        workspace=options.get("workspace", "demo-workspace"),
+        port=int(options.get("port", 8000)),
+        test_port=int(options.get("test_port", 8100)),
+        keep=options.get("keep", "true").lower() != "false",
+        overrides=overrides,
+    )
+
+
+if __name__ == "__main__":
+    main()
