@@ -34,3 +34,14 @@ def test_deployment_targets_a_flow_with_valid_parameters(deployment, monkeypatch
     monkeypatch.setenv("DVC_REMOTE_URL", str(tmp_path))
     config = load_config(flow.name, parameters["env"], parameters["overrides"])
     assert config.environment == parameters["env"]
+
+
+def test_pools_and_schedules_are_defined_once_and_reused():
+    document = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    pools = document["definitions"]["work_pools"]
+    for deployment in DEPLOYMENTS:
+        assert deployment["work_pool"] in pools.values()
+        assert deployment.get("enforce_parameter_schema") is True
+    monitors = [d for d in DEPLOYMENTS if d["entrypoint"].startswith("flows/monitor.py")]
+    assert monitors and all(d["schedules"] == [document["definitions"]["schedules"]["monitor_daily"]] for d in monitors)
+    assert {d["entrypoint"] for d in DEPLOYMENTS} == {"flows/build.py:build", "flows/deploy.py:deploy", "flows/monitor.py:monitor"}

@@ -144,3 +144,18 @@ def test_the_monitors_retraining_trigger_starts_the_build_deployment(stack):
     newest = max(runs, key=lambda r: r["created"])
     assert newest["state_type"] == "COMPLETED"
     assert any(o.startswith("trigger=monitor/") for o in newest["parameters"]["overrides"])
+
+
+def test_a_passing_build_starts_the_test_deployment_when_chained(stack):
+    from prefect.deployments import run_deployment
+
+    home, api = stack
+    before = len(flow_runs_of(api, "deploy/deploy-test"))
+    run = run_deployment(
+        "build/build-test",
+        parameters={"overrides": ["train.progress_bar=false", "chain.after_build=deploy/deploy-test"]},
+        timeout=400,
+    )
+    assert run.state.is_completed(), run.state.message
+    runs = wait_for_runs(api, "deploy/deploy-test", before + 1)
+    assert max(runs, key=lambda r: r["created"])["state_type"] == "COMPLETED"
