@@ -58,7 +58,7 @@ def served_version(config: Config) -> registry.VersionRef:
 
 @task(cache_policy=NO_CACHE)
 def analyse(config: Config, ref: registry.VersionRef, start: datetime, end: datetime, workdir: Path):
-    """All five sections over the window; returns the report, the traffic, the reference and drift."""
+    """All five sections over the window; returns the report, the traffic, the reference, the classes."""
     client, _ = registry.connect(config.mlflow)
     traffic = monitoring.load_traffic(config.serve.records.dir, ref.version, start, end)
     report = monitoring.MonitorReport(ref.version, start, end, traffic.requests, unreadable=traffic.unreadable)
@@ -175,7 +175,7 @@ def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorRes
     ref = served_version(config)
     end = datetime.now(UTC)
     start = end - monitoring.parse_duration(config.monitor.window)
-    workdir = config.monitor.state_dir / "work" / end.strftime("%Y%m%dT%H%M%S")
+    workdir = config.monitor.state_dir / "cache" / f"v{ref.version}"  # the model and its reference
     report, traffic, reference, classes = analyse(config, ref, start, end, workdir)
     for problem in report.unreadable:
         logger.warning("unreadable record skipped (file left in place): %s", problem)
