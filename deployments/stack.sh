@@ -7,6 +7,8 @@
 #   deployments/stack.sh stop      # TERM, then KILL after STOP_TIMEOUT_S
 #
 # Settings (environment variables):
+#   MLOPS_VENV           virtual environment with prefect and mlflow (default <project root>/.venv;
+#                        empty: take them from PATH)
 #   MLOPS_WORKSPACE      workspace of the flows (default: <project root>/workspace)
 #   PREFECT_PORT         Prefect API and UI port (default 4200)
 #   MLFLOW_PORT          MLflow tracking server port (default 5000)
@@ -25,8 +27,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"   # prefect deploy reads ./prefect.yaml; the worker runs the flows from here
-if [[ -x "$ROOT/.venv/bin/prefect" ]]; then
-    PATH="$ROOT/.venv/bin:$PATH"
+VENV="${MLOPS_VENV-$ROOT/.venv}"   # prefect and mlflow come from here, else from PATH
+if [[ -n "$VENV" && -x "$VENV/bin/prefect" ]]; then
+    PATH="$VENV/bin:$PATH"
 fi
 
 WORKSPACE="${MLOPS_WORKSPACE:-$PWD/workspace}"
