@@ -67,7 +67,8 @@ def stack(tmp_path_factory):
         wait_for(api + "/health", server, home / "server.log")
         for command in (
             ["work-pool", "create", "mlops-process", "--type", "process"],
-            ["work-pool", "create", "mlops-k8s", "--type", "kubernetes"],
+            ["work-pool", "create", "mlops-k8s", "--type", "kubernetes",
+             "--base-job-template", str(ROOT / "deployments" / "kubernetes" / "work-pool-template.json")],
             ["--no-prompt", "deploy", "--all"],
         ):
             done = subprocess.run([PREFECT, *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -78,7 +79,10 @@ def stack(tmp_path_factory):
         processes.append(worker)
         saved = dict(os.environ)
         os.environ.update(env)
-        yield home, api
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: api}):  # also over a test harness of the session
+            yield home, api
     finally:
         if "saved" in locals():
             os.environ.clear()
