@@ -223,6 +223,46 @@ class Metrics:
         info.labels(served.name, served.version).set(1)
 
 
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")
+
+
+class Observe:
+    """ASGI middleware: the bearer token check, and request counts and latency per endpoint.
+
+    Plain ASGI rather than `@app.middleware("http")`, which costs a task and a stream per request.
+    """
+
+    def __init__(self, app, metrics: Metrics, token: str | None):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {token}".encode() if token is not None else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, path = time.perf_counter(), scope["path"]
+        if self.expected is not None and path not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.metrics.errors.labels("unauthorized").inc()
+                self.metrics.requests.labels(path, "401").inc()
+                response = JSONResponse(
+                    {"error": "unauthorized", "detail": "missing or wrong bearer token"},
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                )
+                return await response(scope, receive, send)
+        status = 500
+
+        async def observed(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, observed)
+        self.metrics.requests.labels(path, str(status)).inc()
+        self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
 def create_app(
     served: ServedModel,
     limits: Limits = Limits(),
@@ -259,22 +299,7 @@ def create_app(
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return error(422, "invalid_request", problems)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        endpoint = request.url.path
-        if token is not None and endpoint not in ("/health", "/ready", "/metrics", "/docs", "/openapi.json"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                metrics.errors.labels("unauthorized").inc()
-                metrics.requests.labels(endpoint, "401").inc()
-                response = error(401, "unauthorized", "missing or wrong bearer token")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-        response = await call_next(request)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Observe, metrics=metrics, token=token)
 
     def record(request_id: str, endpoint: str, content_type: str, size: int, **fields) -> None:
         if records:
