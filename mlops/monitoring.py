@@ -25,7 +25,7 @@ from sklearn.metrics import precision_recall_fscore_support
 from mlops.config import MonitorConfig
 from mlops.evaluation import Check, compare
 from mlops.features import FEATURES
-from mlops.profiling import OUTPUTS, FeatureDrift, Reference, drift_scores, profile_frame
+from mlops.profiling import OUTPUTS, FeatureDrift, Reference, check_constraints, drift_scores, profile_frame
 from mlops.records import read_window
 
 log = logging.getLogger(__name__)
@@ -79,24 +79,40 @@ def skipped(name: str, note: str) -> Check:
 
 
 def integrity_checks(traffic: Traffic, config: MonitorConfig) -> list[Check]:
-    rules = config.integrity
-    served, checks = traffic.served, []
-    if len(served):
-        checks += [
-            compare("min_width", float(served["width"].min()), ">=", rules.min_width),
-            compare("max_width", float(served["width"].max()), "<=", rules.max_width),
-            compare("min_height", float(served["height"].min()), ">=", rules.min_height),
-            compare("max_height", float(served["height"].max()), "<=", rules.max_height),
-        ]
-        missing = int(served[[*FEATURES, *OUTPUTS]].isna().sum().sum())
-        checks.append(compare("missing_values", missing, "<=", 0, "features and outputs of answered requests"))
-    types = pd.concat([traffic.served.get("content_type", pd.Series(dtype=str)), traffic.rejected.get("content_type", pd.Series(dtype=str))])
+    """whylogs constraints from `monitor.integrity` over the window's requests."""
+    rules, checks = config.integrity, []
+    if len(traffic.served):
+        columns = [c for c in (*FEATURES, *OUTPUTS) if c in traffic.served]
+        results = check_constraints(traffic.served[columns], [
+            ("is_in_range", ("width", rules.min_width, rules.max_width)),
+            ("is_in_range", ("height", rules.min_height, rules.max_height)),
+            *[("no_missing_values", (column,)) for column in columns],
+        ])
+        for result in [r for r in results if "is in range" in r.name]:
+            low, high = result.summary.get("min"), result.summary.get("max")
+            checks.append(Check(result.name.split()[0] + "_range", high, None, "in range", result.passed,
+                                f"whylogs: {result.name}; min {low}, max {high}"))
+        missing = [r for r in results if "has no missing values" in r.name]
+        nulls = sum(r.summary.get("null", 0) + r.summary.get("nan", 0) for r in missing)
+        failed = [r.name.split()[0] for r in missing if not r.passed]
+        checks.append(Check("no_missing_values", float(nulls), 0.0, "<=", not failed,
+                            f"whylogs: no missing values in {len(missing)} columns" + (f"; missing in {failed}" if failed else "")))
     allowed = tuple(rules.allowed_content_types)
-    foreign = sorted({t for t in types.dropna() if not str(t).split(";")[0].strip().startswith(allowed)})
-    checks.append(compare("disallowed_content_types", len(foreign), "<=", 0, ", ".join(foreign)))
-    share = len(traffic.rejected) / traffic.requests if traffic.requests else 0.0
+    types = [*traffic.served.get("content_type", []), *traffic.rejected.get("content_type", [])]
+    family = [next((a for a in allowed if str(t).split(";")[0].strip().startswith(a)), str(t)) for t in types]
+    frame = pd.DataFrame({"content_type": family, "rejected": [0] * len(traffic.served) + [1] * len(traffic.rejected)})
+    results = check_constraints(frame, [
+        ("frequent_strings_in_reference_set", ("content_type", set(allowed))),
+        ("mean_between_range", ("rejected", 0.0, rules.max_rejected_share)),
+    ])
+    content = next(r for r in results if r.name.startswith("content_type"))
+    rejected = next(r for r in results if r.name.startswith("rejected"))
+    foreign = sorted({f for f in family if f not in allowed})
+    checks.append(Check("allowed_content_types", float(len(foreign)), 0.0, "<=", content.passed,
+                        f"whylogs: {content.name}" + (f"; found {', '.join(foreign)}" if foreign else "")))
     kinds = traffic.rejected["error"].value_counts().to_dict() if len(traffic.rejected) else {}
-    checks.append(compare("rejected_share", share, "<=", rules.max_rejected_share, f"{kinds}"))
+    checks.append(Check("rejected_share", round(float(rejected.summary.get("mean", 0.0)), 6), rules.max_rejected_share,
+                        "<=", rejected.passed, f"whylogs: {rejected.name}; {kinds}"))
     return checks
 
 

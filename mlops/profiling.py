@@ -125,3 +125,27 @@ def drift_scores(
             value = float(score["pvalue"])
             results.append(FeatureDrift(column, score["algorithm"], value, threshold, value < threshold))
     return results
+
+
+@dataclass(frozen=True)
+class ConstraintResult:
+    name: str
+    passed: bool
+    summary: dict
+
+
+def check_constraints(frame: pd.DataFrame, constraints: list) -> list[ConstraintResult]:
+    """Profile `frame` and evaluate whylogs constraints built by `constraints(factories)`.
+
+    `constraints` is a list of (factory name, args) pairs, e.g. ("is_in_range", ("width", 8, 500)).
+    """
+    why = whylogs()
+    from whylogs.core.constraints import ConstraintsBuilder
+    from whylogs.core.constraints import factories
+
+    builder = ConstraintsBuilder(dataset_profile_view=why.log(frame).view())
+    builder.add_constraints([getattr(factories, name)(*args) for name, args in constraints])
+    return [
+        ConstraintResult(r.name, bool(r.passed) and not r.failed, r.summary or {})
+        for r in builder.build().generate_constraints_report(with_summary=True)
+    ]

@@ -70,8 +70,20 @@ def test_performance_on_labelled_requests(config):
 def test_integrity_flags_rejections_and_foreign_content_types(config):
     checks = {c.name: c for c in monitoring.integrity_checks(traffic(50, rejected=10), config)}
     assert checks["rejected_share"].value == pytest.approx(10 / 60, abs=1e-6) and checks["rejected_share"].passed is False
-    assert checks["disallowed_content_types"].note == "text/plain"
-    assert checks["min_width"].passed and checks["missing_values"].value == 0
+    assert checks["allowed_content_types"].passed is False and "found text/plain" in checks["allowed_content_types"].note
+    assert checks["width_range"].passed and checks["height_range"].passed
+    assert checks["no_missing_values"].passed and checks["no_missing_values"].value == 0
+
+
+def test_integrity_flags_sizes_and_missing_values(config):
+    window = traffic(40)
+    window.served.loc[3, "width"] = 20000.0
+    window.served.loc[5, "brightness"] = float("nan")
+    checks = {c.name: c for c in monitoring.integrity_checks(window, config)}
+    assert checks["width_range"].passed is False and checks["width_range"].value == 20000.0
+    assert checks["height_range"].passed
+    assert checks["no_missing_values"].passed is False and "brightness" in checks["no_missing_values"].note
+    assert checks["allowed_content_types"].passed and checks["rejected_share"].passed
 
 
 def test_drift_is_found_only_where_the_data_moved(config):
