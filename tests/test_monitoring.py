@@ -177,3 +177,17 @@ def test_whylogs_works_under_numpy_2_only_through_the_fix():
     assert fixed.returncode == 0, fixed.stderr
     assert "'a'" in fixed.stdout and "'b'" in fixed.stdout
     assert whylogs().__name__ == "whylogs"
+
+
+def test_record_files_are_pruned_oldest_first_past_the_budget(tmp_path):
+    from mlops.records import hour_file, prune
+
+    now = datetime.now(UTC)
+    paths = [hour_file(tmp_path, "requests", now - timedelta(hours=h)) for h in (50, 3, 2, 1, 0)]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    removed = prune(tmp_path, max_bytes=2500, max_age=timedelta(days=1))
+    assert removed == paths[:3]  # past the age limit, then the oldest until under 2,500 bytes
+    assert [p.exists() for p in paths] == [False, False, False, True, True]
+    assert prune(tmp_path, max_bytes=0, max_age=timedelta(days=1)) == [paths[3]]  # never the newest hour
