@@ -111,10 +111,10 @@ def drift_scores(
     from whylogs.viz.drift.column_drift_algorithms import Hellinger, calculate_drift_scores
 
     columns = set(current.get_columns()) & set(reference.get_columns())
-    drift_map = {c: Hellinger() for c, (algorithm, _) in algorithms.items() if algorithm == "hellinger" and c in columns}
+    drift_map = {c: Hellinger() for c, (name, _) in algorithms.items() if name == "hellinger" and c in columns}
     scores = calculate_drift_scores(target_view=current, reference_view=reference, drift_map=drift_map or None)
     results = []
-    for column, (algorithm, threshold) in algorithms.items():
+    for column, (_, threshold) in algorithms.items():
         score = scores.get(column)
         if column not in columns or not score:
             continue
