@@ -1,4 +1,4 @@
-"""The build flow: ingest -> train -> package -> evaluate -> gate -> register.
+"""The build flow: ingest -> train -> package (+ reference profile) -> evaluate -> gate -> register.
 
     python -m flows.build env=test model=mobilenet_v3_small train.max_epochs=3
     python -m flows.build --cfg job env=production
