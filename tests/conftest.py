@@ -132,3 +132,18 @@ class Receiver:
     def __exit__(self, *_) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_servers(tmp_path_factory):
+    """Whatever a failing test left running: model servers started under this session's tmp dir."""
+    yield
+    import psutil
+
+    from mlops.deployment import stop_server
+
+    base = str(tmp_path_factory.getbasetemp())
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if "mlops.serving" in command and base in command:
+            stop_server(process.info["pid"])
