@@ -13,7 +13,6 @@ env/production.yaml), `action` and `deploy.target`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.chain import start_deployment
 from flows.config import load_config, run_cli
 from mlops import deployment, evaluation, registry, versioning
-from mlops.config import DeployJob
+from mlops.config import DeployJob, secret
 from mlops.data import load_prepared
 from mlops.deployment import DeployError, LiveServer
 
@@ -43,13 +42,11 @@ class DeployResult:
 
 def token(config: DeployJob) -> str | None:
     """The bearer token the server will demand, from the variable the config names."""
-    name = config.serve.token_env
-    if name is None:
-        return None
-    value = os.environ.get(name)
-    if not value:
-        raise DeployError(f"serve.token_env: environment variable {name} is not set (the server needs a token)")
-    return value
+    try:
+        return secret(config.serve.token_env)
+    except ValueError:
+        variable = config.serve.token_env
+        raise DeployError(f"serve.token_env: environment variable {variable} is not set (the server needs a token)") from None
 
 
 @task(cache_policy=NO_CACHE)

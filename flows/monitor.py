@@ -67,9 +67,8 @@ def analyse(config: Config, ref: registry.VersionRef, start: datetime, end: date
     classes = list(OnnxClassifier(registry.download_model(client, ref.run_id, workdir)).spec.classes)
     if traffic.requests == 0:
         return report, traffic, reference, classes
-    live = deployment.read_live(config.deploy.state_dir)
-    token = os.environ.get(config.serve.token_env) if config.serve.token_env else None
-    metrics_text = monitoring.scrape(live.url + "/metrics", token) if live and live.version == ref.version else None
+    live = deployment.read_live(config.deploy.state_dir)  # /metrics needs no token
+    metrics_text = monitoring.scrape(live.url + "/metrics") if live and live.version == ref.version else None
     drift_section, report.feature_drift = monitoring.drift_checks(traffic, reference, config.monitor)
     report.sections = {
         "integrity": monitoring.integrity_checks(traffic, config.monitor),

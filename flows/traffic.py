@@ -12,12 +12,11 @@ is the same tool for any URL and image folder.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from flows.config import load_config
 from mlops import deployment, registry, traffic, versioning
-from mlops.config import ConfigError
+from mlops.config import ConfigError, secret
 
 OPTIONS = {"drift": str, "strength": float, "requests": int, "feedback": float, "concurrency": int, "seed": int, "target": str}
 
@@ -45,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     client, _ = registry.connect(config.mlflow)
     tags = client.get_model_version(config.mlflow.registered_model, live.version).tags
     data = versioning.checkout_dataset(config.dvc.repo, config.dvc.remote, tags["data_name"], tags["data_version"])
-    token = os.environ.get(config.serve.token_env) if config.serve.token_env else None
     try:
+        token = secret(config.serve.token_env)
         result = traffic.replay(
             live.url, traffic.load_images(data / "test"), requests=options.get("requests"),
             drift=options.get("drift", "none"), strength=options.get("strength", 0.8),

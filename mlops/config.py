@@ -6,6 +6,7 @@ Hydra composes YAML into a plain dict; `validate_config` turns it into `Config` 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -303,6 +304,19 @@ class DeployJob(Config):
 
 # The schema of each primary config under conf/.
 SCHEMAS: dict[str, type[Config]] = {"build": BuildConfig, "deploy": DeployJob, "monitor": Config}
+
+
+def secret(variable: str | None) -> str | None:
+    """The value of the environment variable a config names for a secret (None when it names none).
+
+    Raises ValueError when the variable is named but unset or empty.
+    """
+    if variable is None:
+        return None
+    value = os.environ.get(variable)
+    if not value:
+        raise ValueError(f"environment variable {variable} is not set or empty")
+    return value
 
 
 class ConfigError(ValueError):

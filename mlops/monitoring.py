@@ -30,9 +30,6 @@ from mlops.records import read_window
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("integrity", "drift", "performance", "telemetry", "bias")
-
-
 def parse_duration(text: str) -> timedelta:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text.strip())
     if not match:
@@ -165,9 +162,9 @@ def performance_checks(traffic: Traffic, classes: list[str], config: MonitorConf
     ]
 
 
-def scrape(url: str, token: str | None = None) -> str | None:
+def scrape(url: str) -> str | None:
     try:
-        answer = httpx.get(url, timeout=5, headers={"authorization": f"Bearer {token}"} if token else {})
+        answer = httpx.get(url, timeout=5)
         return answer.text if answer.status_code == 200 else None
     except httpx.TransportError:
         return None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from mlops.features import FEATURES, image_features
 from mlops.inference import OnnxClassifier, load_array
@@ -58,8 +59,6 @@ class Reference:
 def feature_frame(paths: list[Path]) -> pd.DataFrame:
     rows = []
     for path in paths:
-        from PIL import Image
-
         with Image.open(path) as image:
             rows.append(image_features(image))
     return pd.DataFrame(rows, columns=list(FEATURES))

@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from mlops.config import secret
 from mlops.features import image_features
 from mlops.inference import OnnxClassifier, image_to_array
 from mlops.records import RecordWriter
@@ -462,11 +463,10 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env)
-        if not token:
-            sys.exit(f"error: --token-env {args.token_env}: the variable is not set or empty")
+    try:
+        token = secret(args.token_env)
+    except ValueError:
+        sys.exit(f"error: --token-env {args.token_env}: the variable is not set or empty")
     try:
         served = load_served(args.tracking_uri, args.model, args.alias, args.version, args.cache_dir)
     except Exception as error:  # noqa: BLE001 - report why the model cannot be served, then exit

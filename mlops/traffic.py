@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import threading
 import time
@@ -28,6 +27,8 @@ from typing import TypeVar
 import httpx
 import numpy as np
 from PIL import Image, ImageFilter
+
+from mlops.config import secret
 
 DRIFTS = ("none", "brightness", "noise", "blur", "class_mix")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -305,11 +306,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env)
-        if not token:
-            sys.exit(f"error: --token-env {args.token_env}: the variable is not set or empty")
+    try:
+        token = secret(args.token_env)
+    except ValueError:
+        sys.exit(f"error: --token-env {args.token_env}: the variable is not set or empty")
     try:
         images = load_images(args.images)
         result = replay(
