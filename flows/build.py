@@ -5,7 +5,8 @@
     python -m flows.build -m model=resnet18,mobilenet_v3_small
 
 `build` is the one flow object both the CLI and a Prefect deployment run; it takes an
-environment name and Hydra overrides and composes its config itself.
+environment name and Hydra overrides and composes its config itself. Each task is one library
+call; the ones that talk to MLflow or a DVC remote retry.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.chain import start_deployment
 from flows.config import load_config, run_cli, to_yaml
-from mlops import data as data_lib
-from mlops import evaluation, lineage, packaging, registry, training, versioning
-from mlops.config import Config
-from mlops.inference import OnnxClassifier, load_array
+from mlops.checks import Report
+from mlops.config import BuildConfig, DataConfig, DvcConfig, ExportConfig
+from mlops.data import ingest, versioning
+from mlops.data.layout import dataset_dir
+from mlops.registry import ONNX_FILE, REFERENCE_ARTIFACT, TRAIN_KEY_TAG, Registry, VersionRef, flatten, model_card, to_json
+from mlops.serve.inference import OnnxClassifier, load_array
+from mlops.train import evaluation, lineage, packaging
+
+NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE}  # MLflow, DVC remote
+LOCAL = {"cache_policy": NO_CACHE}
 
 
 class GateFailed(RuntimeError):
@@ -33,7 +40,7 @@ class GateFailed(RuntimeError):
 
 @dataclass
 class Dataset:
-    prepared: data_lib.Prepared
+    prepared: ingest.Prepared
     version: str
 
 
@@ -47,155 +54,118 @@ class BuildResult:
     chained: str | None = None  # the flow run started by chain.after_build
 
 
-@task(cache_policy=NO_CACHE)
-def ingest_data(config: Config) -> Dataset:
-    """Materialize, validate, split and version the dataset (or check out a pinned version)."""
-    logger = get_run_logger()
-    d, repo = config.data, config.dvc.repo
-    if d.version is not None:
-        path = versioning.checkout_dataset(repo, config.dvc.remote, d.name, d.version)
-        logger.info("checked out pinned data version %s", d.version)
-        return Dataset(data_lib.load_prepared(path), d.version)
-    target = versioning.dataset_dir(repo, d.name)
-    prepared = data_lib.prepare_dataset(d, config.seed, config.paths.workspace, target)
-    version = versioning.commit_dataset(repo, config.dvc.remote, d.name)
+@task(**LOCAL)
+def prepare_data(data: DataConfig, seed: int, workspace: Path, dvc: DvcConfig) -> ingest.Prepared:
+    """Materialize, validate and split the dataset into the DVC project."""
+    prepared = ingest.prepare_dataset(data, seed, workspace, dataset_dir(dvc.repo, data.name))
     if prepared.rejected:
-        logger.warning(
+        get_run_logger().warning(
             "%d images quarantined under %s:\n%s",
             len(prepared.rejected),
-            config.paths.workspace / "quarantine" / d.name,
+            workspace / "quarantine" / data.name,
             "\n".join(f"  {r.path}: {r.kind} ({r.detail})" for r in prepared.rejected),
         )
-    logger.info("data version %s: %s", version, {s: sum(c.values()) for s, c in prepared.counts.items()})
-    return Dataset(prepared, version)
+    return prepared
 
 
-@task(cache_policy=NO_CACHE)
-def train_model(config: Config, dataset: Dataset, run_id: str) -> training.Trained:
+@task(**NETWORK)
+def version_data(dvc: DvcConfig, name: str) -> str:
+    """Add the prepared dataset to DVC and push it to the remote; its hash is the data version."""
+    return versioning.commit_dataset(dvc.repo, dvc.remote, name)
+
+
+@task(**NETWORK)
+def checkout_data(dvc: DvcConfig, name: str, version: str) -> ingest.Prepared:
+    """A pinned data version, from the DVC cache or the remote."""
+    return ingest.load_prepared(versioning.checkout_dataset(dvc.repo, dvc.remote, name, version))
+
+
+@task(**LOCAL)
+def train_model(config: BuildConfig, dataset: Dataset, tracking_uri: str, run_id: str, workdir: Path):
     from pytorch_lightning.loggers import MLFlowLogger
 
-    logger = MLFlowLogger(tracking_uri=config.mlflow.tracking_uri, run_id=run_id)
-    workdir = config.paths.workspace / "runs" / run_id
+    from mlops.train import training
+
+    logger = MLFlowLogger(tracking_uri=tracking_uri, run_id=run_id)
     return training.train(config, dataset.prepared, workdir, logger=logger)
 
 
-@task(cache_policy=NO_CACHE)
-def package_model(config: Config, trained: training.Trained, dataset: Dataset, run_id: str) -> Path:
-    """Export to ONNX, check parity on test images, log it in MLflow's ONNX flavour."""
-    client, _ = registry.connect(config.mlflow)
-    onnx_path = config.paths.workspace / "runs" / run_id / registry.ONNX_FILE
-    packaging.export_onnx(trained.network, trained.spec, onnx_path, config.export.opset)
-    files = dataset.prepared.files("test")[: config.export.parity_images]
-    batch = np.stack([load_array(path, trained.spec) for path, _ in files])
-    parity = packaging.check_parity(
-        trained.network, onnx_path, batch, config.export.parity_atol, config.export.parity_rtol
-    )
-    client.log_artifact(run_id, str(trained.weights), "weights")
-    registry.log_flat(client, run_id, metrics={"onnx_parity_max_abs_diff": parity.max_abs_diff})
-    registry.log_onnx_model(client, run_id, onnx_path, batch[:1])
-    return onnx_path
+@task(**LOCAL)
+def package_model(export: ExportConfig, trained, dataset: Dataset, workdir: Path) -> tuple[Path, packaging.Parity]:
+    """Export to ONNX and check parity against PyTorch on test images."""
+    onnx_path = packaging.export_onnx(trained.network, trained.spec, workdir / ONNX_FILE, export.opset)
+    batch = parity_batch(dataset, trained.spec, export.parity_images)
+    return onnx_path, packaging.check_parity(trained.network, onnx_path, batch, export.parity_atol, export.parity_rtol)
 
 
-@task(cache_policy=NO_CACHE)
-def profile_reference(config: Config, onnx_path: Path, dataset: Dataset, run_id: str) -> None:
+def parity_batch(dataset: Dataset, spec, count: int) -> np.ndarray:
+    return np.stack([load_array(path, spec) for path, _ in dataset.prepared.files("test")[:count]])
+
+
+@task(**NETWORK)
+def log_model(registry: Registry, run_id: str, weights: Path, onnx_path: Path, parity: packaging.Parity, example: np.ndarray) -> None:
+    """The weights, the parity figure and the ONNX file in MLflow's ONNX flavour."""
+    registry.log_artifact(run_id, weights, "weights")
+    registry.log(run_id, metrics={"onnx_parity_max_abs_diff": parity.max_abs_diff})
+    registry.log_onnx_model(run_id, onnx_path, example, OnnxClassifier(onnx_path).logits(example))
+
+
+@task(**LOCAL)
+def profile_reference(onnx_path: Path, dataset: Dataset, folder: Path) -> Path:
     """The monitor's reference: whylogs profile of train-split image features and of the
-    model's outputs on the validation split, stored with the run (and so with the version)."""
-    from mlops.profiling import build_reference
+    model's outputs on the validation split."""
+    from mlops.monitor.profiling import build_reference
 
-    client, _ = registry.connect(config.mlflow)
     train = [path for path, _ in dataset.prepared.files("train")]
     val = [path for path, _ in dataset.prepared.files("val")]
-    reference = build_reference(OnnxClassifier(onnx_path), train, val)
-    folder = reference.save(config.paths.workspace / "runs" / run_id / "reference")
-    client.log_artifacts(run_id, str(folder), registry.REFERENCE_ARTIFACT)
+    return build_reference(OnnxClassifier(onnx_path), train, val).save(folder)
 
 
-@task(cache_policy=NO_CACHE)
-def evaluate_model(
-    config: Config, onnx_path: Path, dataset: Dataset, run_id: str
-) -> tuple[evaluation.Evaluation, evaluation.Evaluation | None, str]:
-    """Metrics and latency of the new model and, on the same test split, of the production model."""
-    client, _ = registry.connect(config.mlflow)
-    files = dataset.prepared.files("test")
-    new = evaluation.evaluate(OnnxClassifier(onnx_path), files, config.export.latency_images)
-    registry.log_flat(client, run_id, metrics=new.metrics())
-    workdir = config.paths.workspace / "runs" / run_id
-    client.log_artifact(run_id, str(evaluation.plot_confusion(new, workdir / "confusion_matrix.png")), "evaluation")
-    client.log_text(run_id, registry.to_json(asdict(new)), "evaluation/test_metrics.json")
+@task(**NETWORK)
+def log_artifacts(registry: Registry, run_id: str, local: Path, path: str) -> None:
+    registry.log_artifact(run_id, local, path)
 
-    current = registry.get_alias(client, config.mlflow.registered_model, config.mlflow.production_alias)
+
+@task(**LOCAL)
+def evaluate_model(onnx_path: Path, files: list[tuple[Path, int]], latency_images: int) -> evaluation.Evaluation:
+    """Metrics, confusion matrix and latency of an ONNX model on the test split."""
+    return evaluation.evaluate(OnnxClassifier(onnx_path), files, latency_images)
+
+
+@task(**NETWORK)
+def production_baseline(registry: Registry, classes: list[str], files, latency_images: int, workdir: Path) -> evaluation.Baseline:
+    """The production model evaluated on the same test split, or why there is no comparison."""
+    current = registry.alias(registry.settings.production_alias)
     if current is None:
-        return new, None, "no production model yet: comparison skipped"
+        return evaluation.Baseline("no production model yet: comparison skipped")
     label = f"production v{current.version}"
-    model = OnnxClassifier(registry.download_model(client, current.run_id, workdir / "production"))
-    if list(model.spec.classes) != new.classes:
-        return new, None, f"{label} has other classes {list(model.spec.classes)}: comparison skipped"
-    production = evaluation.evaluate(model, files, config.export.latency_images)
-    registry.log_flat(client, run_id, metrics=production.metrics("production_"))
-    return new, production, label
+    model = OnnxClassifier(registry.download_model(current.run_id, workdir / "production"))
+    if list(model.spec.classes) != classes:
+        return evaluation.Baseline(f"{label} has other classes {list(model.spec.classes)}: comparison skipped")
+    return evaluation.Baseline(label, evaluation.evaluate(model, files, latency_images))
 
 
-@task(cache_policy=NO_CACHE)
-def gate_model(
-    config: Config,
-    new: evaluation.Evaluation,
-    production: evaluation.Evaluation | None,
-    label: str,
-    run_id: str,
-) -> evaluation.GateReport:
-    """Every check with value, bound and verdict: MLflow artifacts and tags, a Prefect artifact."""
-    client, _ = registry.connect(config.mlflow)
-    report = evaluation.gate(new, config.thresholds, production, label)
-    client.log_text(run_id, registry.to_json(report.to_dict()), "gate/report.json")
-    client.log_text(run_id, report.to_markdown(), "gate/report.md")
+@task(**NETWORK)
+def log_evaluation(registry: Registry, run_id: str, new: evaluation.Evaluation, baseline: evaluation.Baseline,
+                   report: Report, workdir: Path) -> None:
+    """Metrics, the confusion matrix and every gate check: MLflow artifacts and tags."""
+    registry.log(run_id, metrics=new.metrics())
+    if baseline.evaluation is not None:
+        registry.log(run_id, metrics=baseline.evaluation.metrics("production_"))
+    registry.log_artifact(run_id, evaluation.plot_confusion(new, workdir / "confusion_matrix.png"), "evaluation")
+    registry.log_text(run_id, to_json(asdict(new)), "evaluation/test_metrics.json")
+    registry.log_text(run_id, to_json(report.to_dict()), "gate/report.json")
+    registry.log_text(run_id, report.to_markdown(), "gate/report.md")
     verdicts = {f"mlops.gate.{check.name}": check.verdict for check in report.checks}
-    registry.log_flat(client, run_id, tags={"mlops.gate": "passed" if report.passed else "failed"} | verdicts)
-    create_markdown_artifact(report.to_markdown(), key="gate-report", description="Build gate")
-    return report
+    registry.log(run_id, tags={"mlops.gate": "passed" if report.passed else "failed"} | verdicts)
 
 
-@task(cache_policy=NO_CACHE)
-def register_model(
-    config: Config,
-    dataset: Dataset,
-    source_run_id: str,
-    run_id: str,
-    result: evaluation.Evaluation,
-    report: evaluation.GateReport,
-    trace: dict[str, str],
-    overrides: list[str],
-) -> registry.VersionRef:
+@task(**NETWORK)
+def register_model(registry: Registry, source_run_id: str, tags: dict[str, str], card: str) -> tuple[VersionRef, bool]:
     """Register (or reuse) the model version of `source_run_id` and point the candidate alias at it."""
-    client, _ = registry.connect(config.mlflow)
-    tags = trace | {
-        "build_run_id": run_id,
-        "environment": config.environment,
-        "gate": "passed",
-        "test_accuracy": f"{result.accuracy:.4f}",
-        "test_macro_f1": f"{result.macro_f1:.4f}",
-    }
-    reproduce = "python -m flows.build " + shlex.join(
-        [f"env={config.environment}", *overrides, f"data.version={dataset.version}"]
-    )
-    card = registry.model_card(
-        config.mlflow.registered_model,
-        dataset.version,
-        dataset.prepared.counts,
-        asdict(result),
-        report.to_markdown(),
-        {"build run": run_id, "model run": source_run_id, **trace},
-        reproduce,
-    )
-    ref, created = registry.register(client, config.mlflow.registered_model, source_run_id, tags, card)
-    client.set_registered_model_alias(ref.name, config.mlflow.candidate_alias, ref.version)
-    get_run_logger().info(
-        "%s %s version %s, alias '%s'",
-        "registered" if created else "reused",
-        ref.name,
-        ref.version,
-        config.mlflow.candidate_alias,
-    )
-    return ref
+    ref, created = registry.register(source_run_id, tags, card)
+    registry.set_alias(registry.settings.candidate_alias, ref.version)
+    return ref, created
 
 
 @flow(name="build", log_prints=True)
@@ -203,57 +173,74 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
     """Build a model from the `conf/build.yaml` config in environment `env` with Hydra `overrides`."""
     overrides = list(overrides or [])
     logger = get_run_logger()
-    config = load_config("build", env, overrides)
+    config: BuildConfig = load_config("build", env, overrides)
     config_yaml = to_yaml(config)
     create_markdown_artifact(f"```yaml\n{config_yaml}```", key="build-config", description="Resolved build config")
-    config.paths.workspace.mkdir(parents=True, exist_ok=True)
+    workspace, data = config.paths.workspace, config.data
+    workspace.mkdir(parents=True, exist_ok=True)
 
-    dataset = ingest_data(config)
-    client, experiment_id = registry.connect(config.mlflow)
+    if data.version is not None:
+        dataset = Dataset(checkout_data(config.dvc, data.name, data.version), data.version)
+        logger.info("checked out pinned data version %s", data.version)
+    else:
+        prepared = prepare_data(data, config.seed, workspace, config.dvc)
+        dataset = Dataset(prepared, version_data(config.dvc, data.name))
+    logger.info("data version %s: %s", dataset.version, {s: sum(c.values()) for s, c in dataset.prepared.counts.items()})
+
+    registry = Registry(config.mlflow)
     trace = lineage.trace(config, dataset.version)
     key = lineage.train_key(config, dataset.version, trace["code_hash"])
-    reused = None if config.force else registry.find_reusable_run(client, experiment_id, key)
+    reused = None if config.force else registry.find_reusable_run(key)
     run_tags = {f"mlops.{k}": v for k, v in trace.items()} | {
         "mlops.flow": "build",
         "mlops.environment": config.environment,
         "mlops.overrides": " ".join(overrides),
         "mlops.trigger": config.trigger or "manual",
-    }
-    if reused:
-        run_tags["mlops.reused_run_id"] = reused
-    run_id = registry.start_run(client, experiment_id, f"build-{config.model.name}", run_tags)
-    try:
-        client.log_text(run_id, config_yaml, "config/resolved.yaml")
-        client.log_text(run_id, (dataset.prepared.path / data_lib.MANIFEST).read_text(), "data/manifest.json")
-        params = config.model_dump(mode="json", exclude={"mlflow", "paths", "dvc"})
-        registry.log_flat(client, run_id, params=registry.flatten(params))
+    } | ({"mlops.reused_run_id": reused} if reused else {})
+    with registry.run(f"build-{config.model.name}", run_tags) as run_id:
+        workdir = workspace / "runs" / run_id
+        registry.log_text(run_id, config_yaml, "config/resolved.yaml")
+        registry.log_text(run_id, (dataset.prepared.path / ingest.MANIFEST).read_text(), "data/manifest.json")
+        registry.log(run_id, params=flatten(config.model_dump(mode="json", exclude={"mlflow", "paths", "dvc"})))
         if reused:
             logger.info("reusing the model of run %s: same data version, config and code (force=true retrains)", reused)
-            source_run_id = reused
-            onnx_path = registry.download_model(client, reused, config.paths.workspace / "runs" / run_id)
+            source_run_id, onnx_path = reused, registry.download_model(reused, workdir)
         else:
-            client.set_tag(run_id, registry.TRAIN_KEY_TAG, key)
-            trained = train_model(config, dataset, run_id)
-            onnx_path = package_model(config, trained, dataset, run_id)
-            profile_reference(config, onnx_path, dataset, run_id)
+            registry.log(run_id, tags={TRAIN_KEY_TAG: key})
+            trained = train_model(config, dataset, config.mlflow.tracking_uri, run_id, workdir)
+            onnx_path, parity = package_model(config.export, trained, dataset, workdir)
+            example = parity_batch(dataset, trained.spec, 1)
+            log_model(registry, run_id, trained.weights, onnx_path, parity, example)
+            reference = profile_reference(onnx_path, dataset, workdir / "reference")
+            log_artifacts(registry, run_id, reference, REFERENCE_ARTIFACT)
             source_run_id = run_id
 
-        new, production, label = evaluate_model(config, onnx_path, dataset, run_id)
-        report = gate_model(config, new, production, label, run_id)
+        files = dataset.prepared.files("test")
+        new = evaluate_model(onnx_path, files, config.export.latency_images)
+        baseline = production_baseline(registry, new.classes, files, config.export.latency_images, workdir)
+        report = evaluation.gate(new, config.gate, baseline)
+        log_evaluation(registry, run_id, new, baseline, report, workdir)
+        create_markdown_artifact(report.to_markdown(), key="gate-report", description="Build gate")
         if not report.passed:
-            failures = "; ".join(f"{c.name} {c.value} not {c.op} {c.bound}" for c in report.failures)
-            raise GateFailed(f"gate failed: {failures}")
+            raise GateFailed(f"gate failed: {report.describe_failures()}")
 
-        ref = register_model(config, dataset, source_run_id, run_id, new, report, trace, overrides)
-        client.set_tag(run_id, "mlops.model_version", ref.version)
+        tags = trace | {
+            "build_run_id": run_id, "environment": config.environment, "gate": "passed",
+            "test_accuracy": f"{new.accuracy:.4f}", "test_macro_f1": f"{new.macro_f1:.4f}",
+        }
+        reproduce = "python -m flows.build " + shlex.join(
+            [f"env={config.environment}", *overrides, f"data.version={dataset.version}"]
+        )
+        card = model_card(
+            config.mlflow.registered_model, dataset.version, dataset.prepared.counts, asdict(new),
+            report.to_markdown(), {"build run": run_id, "model run": source_run_id, **trace}, reproduce,
+        )
+        ref, created = register_model(registry, source_run_id, tags, card)
+        logger.info("%s %s version %s, alias '%s'", "registered" if created else "reused", ref.name, ref.version,
+                    config.mlflow.candidate_alias)
         chained = start_deployment(config.chain.after_build) if config.chain.after_build else None
-        client.set_tag(run_id, "mlops.chained", chained or "none")
-        client.set_terminated(run_id, "FINISHED")
-        return BuildResult(run_id, dataset.version, ref.name, ref.version, reused, chained)
-    except BaseException as error:
-        client.set_tag(run_id, "mlops.error", f"{type(error).__name__}: {error}"[:5000])
-        client.set_terminated(run_id, "FAILED")
-        raise
+        registry.log(run_id, tags={"mlops.model_version": ref.version, "mlops.chained": chained or "none"})
+    return BuildResult(run_id, dataset.version, ref.name, ref.version, reused, chained)
 
 
 def main() -> None:

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import logging
 
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
 log = logging.getLogger("prefect.flows.chain")
+
+
+def deployment_exists(name: str) -> bool:
+    """Whether the Prefect API knows deployment `name` ("flow/deployment")."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True
 
 
 def start_deployment(name: str, parameters: dict | None = None) -> str | None:

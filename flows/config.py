@@ -1,4 +1,4 @@
-"""Composes a flow's config with Hydra and validates it against the typed schema.
+"""Composes a flow's config with Hydra and validates it against that flow's schema.
 
 Besides the CLI shims, this is the only module that knows about Hydra: flows take JSON-friendly
 parameters (an environment and a list of overrides) and call `load_config` themselves.
@@ -14,27 +14,42 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from mlops.config import SCHEMAS, Config, ConfigError, validate_config
+from mlops.config import SCHEMAS, ConfigError, renamed, validate_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def load_config(config_name: str, env: str, overrides: list[str]) -> Config:
+def check_renamed(overrides: list[str]) -> None:
+    """An override of a key that moved fails with its new name (Hydra would only say 'not in struct')."""
+    problems = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" in override and renamed(key):
+            problems.append(f"{key}: renamed to {renamed(key)}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def load_config(config_name: str, env: str, overrides: list[str]):
     """Compose `conf/<config_name>.yaml` with `env=<env>` and `overrides`, then validate it."""
+    check_renamed(overrides)
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
             cfg = compose(config_name, overrides=[f"env={env}", *overrides])
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError([str(error).strip()]) from None
-    return to_config(cfg, SCHEMAS[config_name])
+    return to_config(cfg, config_name, env)
 
 
-def to_config(cfg: DictConfig, schema: type[Config]) -> Config:
-    """Resolve interpolations (environment variables included) and validate."""
+def to_config(cfg: DictConfig, config_name: str, env: str):
+    """Name the environment after the env option, resolve interpolations (environment
+    variables included) and validate against the flow's schema."""
     try:
+        with open_dict(cfg):
+            cfg.environment = env
         if OmegaConf.select(cfg, "paths.workspace") is not None:  # one absolute root for every store
             cfg.paths.workspace = str(Path(cfg.paths.workspace).expanduser().resolve())
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -42,10 +57,10 @@ def to_config(cfg: DictConfig, schema: type[Config]) -> Config:
         key = getattr(error, "full_key", "") or "<config>"
         raise ConfigError([f"{key}: {str(error).splitlines()[0]}"]) from None
     raw.pop("hydra", None)
-    return validate_config(raw, schema)
+    return validate_config(raw, SCHEMAS[config_name])
 
 
-def to_yaml(config: Config) -> str:
+def to_yaml(config) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(config.model_dump(mode="json")))
 
 
@@ -56,17 +71,22 @@ def run_cli(config_name: str, run: Callable[[str, list[str]], object]) -> None:
     runs once per job with that job's overrides, the same call a Prefect deployment makes.
     """
     jobs: list[tuple[str, list[str]]] = []
+    try:
+        check_renamed([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def collect(cfg: DictConfig) -> None:
         overrides = list(HydraConfig.get().overrides.task)
+        env = HydraConfig.get().runtime.choices["env"]
         try:
-            to_config(cfg, SCHEMAS[config_name])
+            to_config(cfg, config_name, env)
         except ConfigError as error:
             where = f" (job {' '.join(overrides)})" if overrides else ""
             print(f"error: {error}{where}", file=sys.stderr)
             sys.exit(2)
-        env = HydraConfig.get().runtime.choices["env"]
         jobs.append((env, [o for o in overrides if not o.startswith("env=")]))
 
     collect()

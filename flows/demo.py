@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,20 +20,35 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.build import build
+from flows.config import load_config
 from flows.deploy import deploy
 from flows.monitor import monitor
-from mlops import deployment, traffic
+from mlops import traffic
+from mlops.data.versioning import dataset_of
+from mlops.deploy import processes
+from mlops.registry import Registry
+
+TOKEN_FILE = "production-token"  # in the workspace, readable by its owner only
 
 
 def production_variables(workspace: Path) -> dict[str, str]:
-    """What conf/env/production.yaml reads, pointed at the local workspace (existing values win)."""
+    """What conf/env/production.yaml reads, pointed at the local workspace (existing values win).
+
+    A generated token is kept in `<workspace>/production-token` (mode 600), never in a log.
+    """
+    token_file = workspace / TOKEN_FILE
+    token = os.environ.get("MLOPS_API_TOKEN")
+    if not token:
+        token = token_file.read_text().strip() if token_file.exists() else secrets.token_urlsafe(16)
+        workspace.mkdir(parents=True, exist_ok=True)
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
     defaults = {
         "MLOPS_WORKSPACE": str(workspace),
         "MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db",
         "DVC_REMOTE_URL": str(workspace / "dvc-remote"),
-        "MLOPS_API_TOKEN": secrets.token_urlsafe(16),
     }
-    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+    return {key: os.environ.get(key, value) for key, value in defaults.items()} | {"MLOPS_API_TOKEN": token}
 
 
 @flow(name="demo", log_prints=True)
@@ -47,17 +63,19 @@ def demo(
     logger = get_run_logger()
     root = Path(workspace).resolve()
     os.environ.update(production_variables(root))
-    common = [f"paths.workspace={root}", "train.progress_bar=false", *(overrides or [])]
+    common = [f"paths.workspace={root}", *(overrides or [])]
     test, production = [*common, f"serve.port={test_port}"], [*common, f"serve.port={port}"]
     summary: dict[str, object] = {}
     try:
-        first = build(env="test", overrides=common)
+        first = build(env="test", overrides=[*common, "train.progress_bar=false"])
         summary["build"] = f"version {first.version} (data {first.data_version})"
         summary["deploy test"] = f"version {deploy(env='test', overrides=test).version} approved"
         released = deploy(env="production", overrides=production)
         summary["release"] = f"version {released.version} live on {released.url}"
 
-        images = traffic.load_images(root / "dvc" / "datasets" / "digits" / "test")
+        config = load_config("deploy", "production", production)
+        prepared = dataset_of(Registry(config.mlflow).version_tags(released.version), config.dvc)
+        images = [(path, prepared.classes[label]) for path, label in prepared.files("test")]
         token = os.environ["MLOPS_API_TOKEN"]
         clean = traffic.replay(released.url, images, feedback_share=0.5, token=token)
         drifted = traffic.replay(released.url, images, requests=2 * len(images), drift="brightness",
@@ -65,11 +83,13 @@ def demo(
         summary["traffic"] = f"{clean.summary()} | drifted: {drifted.summary()}"
         time.sleep(1.5)  # the server flushes its records every second
 
-        watched = monitor(env="production", overrides=[*production, "monitor.window=30m"])
+        watched = monitor(env="production", overrides=[*common, "monitor.window=30m"])
         summary["monitor"] = f"{watched.outcome}: {', '.join(watched.breaches) or 'no breach'}; report {watched.report}"
         summary["alerts"] = ", ".join(watched.alerts_sent) or "none"
-        summary["retrain"] = watched.retrain or "not triggered"
-        if watched.retrain and "COMPLETED" in watched.retrain:
+        retrained = watched.retrain
+        summary["retrain"] = (f"{retrained.started}, {retrained.state}, model version {retrained.model_version}"
+                              if retrained and retrained.started else "not triggered")
+        if retrained and retrained.state == "COMPLETED":
             again = deploy(env="test", overrides=test, return_state=True)
             summary["retrained version in test"] = (
                 f"version {again.result().version} approved" if again.is_completed() else f"failed: {again.message}"
@@ -77,17 +97,19 @@ def demo(
     finally:
         if not keep:
             for env in ("test", "production"):
-                live = deployment.read_live(root / "deploy" / env)
+                live = processes.read_live(root / "deploy" / env)
                 if live is not None:
-                    deployment.stop_server(live.pid)
-                    deployment.write_live(root / "deploy" / env, None)
+                    processes.stop_server(live.pid)
+                    processes.write_live(root / "deploy" / env, None)
     for stage, outcome in summary.items():
         logger.info("%-26s %s", stage, outcome)
     if keep:
+        variables = " ".join(f"{key}={shlex.quote(os.environ[key])}" for key in
+                             ("MLOPS_WORKSPACE", "MLFLOW_TRACKING_URI", "DVC_REMOTE_URL"))
         logger.info(
-            "production is still serving: curl -H 'Authorization: Bearer %s' -F file=@%s http://127.0.0.1:%d/predict"
-            " ; stop it with: MLOPS_WORKSPACE=%s python -m flows.deploy env=production action=stop",
-            os.environ["MLOPS_API_TOKEN"], images[0][0], port, root,
+            "production is still serving: curl -H \"Authorization: Bearer $(cat %s)\" -F file=@%s http://127.0.0.1:%d/predict"
+            " ; stop it with: %s python -m flows.deploy env=production action=stop serve.port=%d",
+            shlex.quote(str(root / TOKEN_FILE)), shlex.quote(str(images[0][0])), port, variables, port,
         )
     return summary
 

@@ -5,7 +5,8 @@
 
 It reads what the model server recorded for the version being served, compares it with that
 version's reference profile, writes an HTML report (MLflow artifact) and a Prefect summary,
-alerts per `monitor.alerts` and starts the build flow per `monitor.retrain`.
+alerts per `monitor.alerts` and starts the build flow per `monitor.retrain`. The rules (the
+report, which alerts are due, whether to retrain) live in `mlops.monitor`; this file wires them.
 """
 
 from __future__ import annotations
@@ -13,19 +14,32 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.chain import start_deployment
+from flows.chain import deployment_exists, start_deployment
 from flows.config import load_config, run_cli
-from mlops import deployment, monitoring, registry
-from mlops.config import Config
-from mlops.inference import OnnxClassifier
-from mlops.profiling import Reference
+from mlops.config import MonitorConfig
+from mlops.deploy import processes
+from mlops.monitor import alerts, memory, report, retrain, window
+from mlops.monitor.profiling import Reference
+from mlops.registry import Registry, VersionRef, to_json
+from mlops.serve.inference import OnnxClassifier
+
+NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE}  # MLflow, webhooks
+LOCAL = {"cache_policy": NO_CACHE}
+
+
+@dataclass
+class Retraining:
+    decision: str  # a RetrainKind: none | cooldown | deployment | in_process | missing_deployment
+    reasons: list[str] = field(default_factory=list)
+    started: str | None = None  # the build's flow run id (deployment) or "in-process"
+    state: str | None = None  # in-process: the build's final state (COMPLETED, FAILED)
+    model_version: str | None = None  # in-process and completed: the version it registered
 
 
 @dataclass
@@ -35,160 +49,150 @@ class MonitorResult:
     requests: int
     breaches: list[str] = field(default_factory=list)
     alerts_sent: list[str] = field(default_factory=list)
-    retrain: str | None = None  # what was started: a flow run id, or None
+    retrain: Retraining | None = None
     report: str | None = None  # where the HTML report is
 
 
-def served_version(config: Config) -> registry.VersionRef:
+@task(**NETWORK)
+def served_version(config: MonitorConfig, registry: Registry) -> VersionRef:
     """monitor.version, else the version live in this environment, else the production alias."""
-    client, _ = registry.connect(config.mlflow)
-    name = config.mlflow.registered_model
     if config.monitor.version:
-        version = client.get_model_version(name, str(config.monitor.version))
-        return registry.VersionRef(name, str(version.version), version.run_id)
-    live = deployment.read_live(config.deploy.state_dir)
+        return registry.version(config.monitor.version)
+    live = processes.read_live(config.paths.deploy)
     if live is not None:
-        version = client.get_model_version(name, live.version)
-        return registry.VersionRef(name, live.version, version.run_id)
-    ref = registry.get_alias(client, name, config.mlflow.production_alias)
+        return registry.version(live.version)
+    ref = registry.alias(config.mlflow.production_alias)
     if ref is None:
-        raise deployment.DeployError(f"nothing to monitor in {config.environment}: no live server and no production version")
+        raise processes.DeployError(f"nothing to monitor in {config.environment}: no live server and no production version")
     return ref
 
 
-@task(cache_policy=NO_CACHE)
-def analyse(config: Config, ref: registry.VersionRef, start: datetime, end: datetime, workdir: Path):
-    """All five sections over the window; returns the report, the traffic, the reference, the classes."""
-    client, _ = registry.connect(config.mlflow)
-    traffic = monitoring.load_traffic(config.serve.records.dir, ref.version, start, end)
-    report = monitoring.MonitorReport(ref.version, start, end, traffic.requests, unreadable=traffic.unreadable)
-    folder = registry.download_reference(client, ref.run_id, workdir)
-    reference = Reference.load(folder) if folder else None
-    classes = list(OnnxClassifier(registry.download_model(client, ref.run_id, workdir)).spec.classes)
-    if traffic.requests == 0:
-        return report, traffic, reference, classes
-    live = deployment.read_live(config.deploy.state_dir)  # /metrics needs no token
-    metrics_text = monitoring.scrape(live.url + "/metrics") if live and live.version == ref.version else None
-    drift_section, report.feature_drift = monitoring.drift_checks(traffic, reference, config.monitor)
-    report.sections = {
-        "integrity": monitoring.integrity_checks(traffic, config.monitor),
-        "drift": drift_section,
-        "performance": monitoring.performance_checks(traffic, classes, config.monitor),
-        "telemetry": monitoring.telemetry_checks(traffic, metrics_text, config.monitor),
-        "bias": monitoring.bias_checks(traffic, reference, classes, config.monitor),
-    }
-    return report, traffic, reference, classes
+@task(**NETWORK)
+def fetch_model(registry: Registry, ref: VersionRef, folder) -> tuple[Reference | None, list[str]]:
+    """The version's reference profile (None for a version built without one) and its classes."""
+    found = registry.download_reference(ref.run_id, folder)
+    classes = list(OnnxClassifier(registry.download_model(ref.run_id, folder)).spec.classes)
+    return (Reference.load(found) if found else None), classes
 
 
-@task(cache_policy=NO_CACHE)
-def publish(config: Config, report: monitoring.MonitorReport, page: str) -> tuple[str, str]:
-    """The HTML report and JSON checks in an MLflow run of the monitor experiment; a Prefect summary."""
-    settings = config.mlflow.model_copy(update={"experiment": f"{config.mlflow.experiment}-monitor"})
-    client, experiment = registry.connect(settings)
-    run_id = registry.start_run(
-        client, experiment, f"monitor-v{report.version}",
-        {"mlops.flow": "monitor", "mlops.environment": config.environment, "mlops.model_version": report.version,
-         "mlops.outcome": report.outcome, "mlops.prefect_flow_run": str(flow_run.get_id() or "")},
-    )
-    client.log_text(run_id, page, "report/monitor.html")
-    client.log_text(run_id, registry.to_json(report.to_dict()), "report/checks.json")
-    metrics = {f"{s}.{c.name}": float(c.value) for s, checks in report.sections.items() for c in checks if c.value is not None}
-    registry.log_flat(client, run_id, metrics={"requests": report.requests, **metrics})
-    location = f"{client.get_run(run_id).info.artifact_uri}/report/monitor.html"
+@task(**LOCAL)
+def analyse(config: MonitorConfig, ref: VersionRef, reference: Reference | None, classes: list[str],
+            start: datetime, end: datetime) -> tuple[report.MonitorReport, window.Traffic]:
+    """Every section's checks over the window."""
+    traffic = window.load_traffic(config.records.dir, ref.version, start, end)
+    live = processes.read_live(config.paths.deploy)  # /metrics needs no token
+    metrics_text = window.scrape(live.url + "/metrics") if traffic.requests and live and live.version == ref.version else None
+    judged = report.judge(traffic, reference, classes, metrics_text, config.monitor, config.slo.max_p95_latency_ms)
+    return judged, traffic
+
+
+@task(**NETWORK)
+def publish(config: MonitorConfig, registry: Registry, judged: report.MonitorReport, page: str) -> tuple[str, str]:
+    """The HTML report and JSON checks in a (finished) run of the monitor experiment; a Prefect summary."""
+    tags = {"mlops.flow": "monitor", "mlops.environment": config.environment, "mlops.model_version": judged.version,
+            "mlops.outcome": judged.outcome, "mlops.prefect_flow_run": str(flow_run.get_id() or "")}
+    with registry.run(f"monitor-v{judged.version}", tags, config.mlflow.monitor_experiment) as run_id:
+        registry.log_text(run_id, page, "report/monitor.html")
+        registry.log_text(run_id, to_json(judged.to_dict()), "report/checks.json")
+        metrics = {f"{s}.{c.name}": float(c.value) for s, checks in judged.sections.items() for c in checks if c.value is not None}
+        registry.log(run_id, metrics={"requests": judged.requests, **metrics})
+        location = f"{registry.artifact_uri(run_id)}/report/monitor.html"
     if config.monitor.alerts.report_base_url:
+        experiment = registry.experiment_id(config.mlflow.monitor_experiment)
         location = f"{config.monitor.alerts.report_base_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
-    create_markdown_artifact(report.to_markdown() + f"\n\nReport: {location}\n", key=f"monitor-{config.environment}",
+    create_markdown_artifact(judged.to_markdown() + f"\n\nReport: {location}\n", key=f"monitor-{config.environment}",
                              description=f"Monitor {config.environment}")
     return run_id, location
 
 
-@task(cache_policy=NO_CACHE)
-def alert(config: Config, report: monitoring.MonitorReport, location: str) -> list[str]:
-    policy = config.monitor.alerts
-    alerts = [
-        monitoring.Alert(section, check.name, check.value, check.bound, check.op, report.version, location)
-        for section, check in report.breaches
-        if section in policy.sections
-    ]
-    sinks = {}
-    for sink in policy.sinks:
-        variable = {"webhook": policy.webhook_url_env, "slack": policy.slack_url_env}.get(sink)
-        url = os.environ.get(variable) if variable else None
-        if variable and not url:
-            get_run_logger().error("alert sink %s: environment variable %s is not set; skipped", sink, variable)
-            continue
-        sinks[sink] = url
-    sent = monitoring.send_alerts(
-        alerts, sinks, config.monitor.state_dir / "alerts.json",
-        monitoring.parse_duration(policy.quiet_period), datetime.now(UTC),
-    )
-    return [a.key for a in sent]
+@task(**NETWORK)
+def send_to_sink(due: list[alerts.Alert], sink: str, url: str | None) -> None:
+    alerts.deliver(due, sink, url)
 
 
-@task(cache_policy=NO_CACHE)
-def trigger_retraining(
-    config: Config, report: monitoring.MonitorReport, monitor_run_id: str, overrides: list[str]
-) -> str | None:
+def send_alerts(config: MonitorConfig, judged: report.MonitorReport, location: str) -> list[str]:
+    """Alert every breach of the alerting sections not sent within the quiet period."""
+    logger, policy = get_run_logger(), config.monitor.alerts
+    state_path, now = config.paths.monitor / "alerts.json", datetime.now(UTC)
+    sent = memory.load_state(state_path)
+    due = alerts.due_alerts(alerts.alerts_for(judged.breaches, policy.sections, judged.version, location),
+                            sent, window.parse_duration(policy.quiet_period), now)
+    if not due:
+        return []
+    sinks, problems = alerts.resolve_sinks(policy, os.environ)
+    for problem in problems:
+        logger.error(problem)
+    for sink, url in sinks.items():
+        state = send_to_sink(due, sink, url, return_state=True)  # one sink failing does not stop the others
+        if state.is_failed():
+            logger.error("alert sink %s failed: %s", sink, state.message)
+    memory.save_state(state_path, sent | {a.key: now.isoformat() for a in due})
+    return [a.key for a in due]
+
+
+def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, monitor_run_id: str, overrides: list[str]) -> Retraining:
     """Start the build flow once per breach (cool-down), through its deployment or in-process.
 
     The build gets this run's own overrides (same stores), then `monitor.retrain.overrides`.
     """
-    logger = get_run_logger()
-    policy = config.monitor.retrain
-    reasons = sorted({f"{s}.{c.name}" for s, c in report.breaches if s in policy.sections})
-    if not reasons:
-        return None
-    state_path = config.monitor.state_dir / "retrain.json"
-    state, now = monitoring.load_state(state_path), datetime.now(UTC)
-    if not monitoring.due(state, "last", monitoring.parse_duration(policy.cooldown), now):
-        logger.info("retraining wanted (%s) but in cool-down since %s", ", ".join(reasons), state["last"])
-        return None
+    logger, policy = get_run_logger(), config.monitor.retrain
+    state_path, now = config.paths.monitor / "retrain.json", datetime.now(UTC)
+    state = memory.load_state(state_path)
+    last = datetime.fromisoformat(state["last"]) if "last" in state else None
+    decision = retrain.retrain_policy(
+        [f"{s}.{c.name}" for s, c in judged.breaches], policy.sections, policy.mode,
+        window.parse_duration(policy.cooldown), last, now,
+        policy.mode != "in_process" and deployment_exists(policy.deployment),
+    )
+    result = Retraining(decision.kind.value, list(decision.reasons))
+    if decision.kind is retrain.RetrainKind.MISSING_DEPLOYMENT:
+        raise RuntimeError(f"monitor.retrain.deployment {policy.deployment} does not exist (mode: deployment)")
+    if not decision.starts:
+        if decision.reasons:
+            logger.info("retraining wanted (%s) but %s", ", ".join(decision.reasons), decision.note)
+        return result
     trigger = f"monitor/{flow_run.get_id() or monitor_run_id}"
-    overrides = [*overrides, *policy.overrides, f"trigger={trigger}"]
-    started = None
-    if policy.mode != "in_process":
-        run_id = start_deployment(policy.deployment, {"env": config.environment, "overrides": overrides})
-        if run_id is not None:
-            started = f"flow run {run_id} of deployment {policy.deployment}"
-        elif policy.mode == "deployment":
-            raise RuntimeError(f"monitor.retrain.deployment {policy.deployment} does not exist (mode: deployment)")
-    if started is None:
+    build_overrides = [*overrides, *policy.overrides, f"trigger={trigger}"]
+    if decision.kind is retrain.RetrainKind.DEPLOYMENT:
+        result.started = start_deployment(policy.deployment, {"env": config.environment, "overrides": build_overrides})
+    else:
         from flows.build import build
 
-        logger.info("building in-process (monitor.retrain.mode: %s)", policy.mode)
-        state_of_build = build(env=config.environment, overrides=overrides, return_state=True)
-        started = f"in-process build, {state_of_build.type.value}"
-        if state_of_build.is_completed():
-            started += f", model version {state_of_build.result().version}"
-    monitoring.save_state(state_path, {"last": now.isoformat(), "reasons": reasons, "started": started, "monitor_run": monitor_run_id})
-    logger.warning("retraining started (%s): %s", ", ".join(reasons), started)
-    return started
+        logger.info("building in-process (%s)", decision.note)
+        built = build(env=config.environment, overrides=build_overrides, return_state=True)
+        result.started, result.state = "in-process", built.type.value
+        if built.is_completed():
+            result.model_version = built.result().version
+    memory.save_state(state_path, {"last": now.isoformat(), "reasons": result.reasons, "started": result.started,
+                                   "monitor_run": monitor_run_id})
+    logger.warning("retraining started (%s): %s", ", ".join(result.reasons), result.started)
+    return result
 
 
 @flow(name="monitor", log_prints=True)
 def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorResult:
     """Analyse the last `monitor.window` of traffic in environment `env`."""
     overrides = list(overrides or [])
-    config = load_config("monitor", env, overrides)
+    config: MonitorConfig = load_config("monitor", env, overrides)
     logger = get_run_logger()
-    ref = served_version(config)
+    registry = Registry(config.mlflow)
+    ref = served_version(config, registry)
     end = datetime.now(UTC)
-    start = end - monitoring.parse_duration(config.monitor.window)
-    workdir = config.monitor.state_dir / "cache" / f"v{ref.version}"  # the model and its reference
-    report, traffic, reference, classes = analyse(config, ref, start, end, workdir)
-    for problem in report.unreadable:
+    start = end - window.parse_duration(config.monitor.window)
+    reference, classes = fetch_model(registry, ref, config.paths.monitor / "cache" / f"v{ref.version}")
+    judged, traffic = analyse(config, ref, reference, classes, start, end)
+    for problem in judged.unreadable:
         logger.warning("unreadable record skipped (file left in place): %s", problem)
-    page = monitoring.html_report(report, traffic, reference, classes)
-    run_id, location = publish(config, report, page)
-    result = MonitorResult(report.outcome, ref.version, report.requests, [f"{s}.{c.name}" for s, c in report.breaches], report=location)
-    if report.outcome == "no traffic":
+    run_id, location = publish(config, registry, judged, report.html_report(judged, traffic, reference, classes))
+    result = MonitorResult(judged.outcome, ref.version, judged.requests, [f"{s}.{c.name}" for s, c in judged.breaches],
+                           report=location)
+    if judged.outcome == "no traffic":
         logger.info("no traffic for version %s in the last %s", ref.version, config.monitor.window)
         return result
-    result.alerts_sent = alert(config, report, location)
-    result.retrain = trigger_retraining(config, report, run_id, overrides)
-    client, _ = registry.connect(config.mlflow)
-    client.set_tag(run_id, "mlops.retrain", result.retrain or "none")
-    logger.info("%s: %d requests, breaches %s", report.outcome, report.requests, result.breaches or "none")
+    result.alerts_sent = send_alerts(config, judged, location)
+    result.retrain = retrain_if_due(config, judged, run_id, overrides)
+    registry.log(run_id, tags={"mlops.retrain": result.retrain.started or "none", "mlops.retrain_decision": result.retrain.decision})
+    logger.info("%s: %d requests, breaches %s", judged.outcome, judged.requests, result.breaches or "none")
     return result
 
 

@@ -5,7 +5,7 @@
     python -m flows.traffic env=production drift=class_mix target=3
 
 Replay options (drift, strength, requests, feedback, concurrency, seed, target) are given as
-key=value like Hydra overrides; everything else is a Hydra override of the monitor config, which
+key=value like Hydra overrides; everything else is a Hydra override of the deploy config, which
 names the live server, its token variable and the DVC store. `python -m mlops.traffic --help`
 is the same tool for any URL and image folder.
 """
@@ -15,8 +15,11 @@ from __future__ import annotations
 import sys
 
 from flows.config import load_config
-from mlops import deployment, registry, traffic, versioning
+from mlops import traffic
 from mlops.config import ConfigError, secret
+from mlops.data.versioning import dataset_of
+from mlops.deploy import processes
+from mlops.registry import Registry
 
 OPTIONS = {"drift": str, "strength": float, "requests": int, "feedback": float, "concurrency": int, "seed": int, "target": str}
 
@@ -35,19 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides.append(item)
     try:
-        config = load_config("monitor", env, overrides)
+        config = load_config("deploy", env, overrides)
     except ConfigError as error:
         sys.exit(f"error: {error}")
-    live = deployment.read_live(config.deploy.state_dir)
-    if live is None or not deployment.is_running(live.pid):
+    live = processes.read_live(config.paths.deploy)
+    if live is None or not processes.is_running(live.pid):
         sys.exit(f"error: no server is live in {env} (start one with python -m flows.deploy env={env})")
-    client, _ = registry.connect(config.mlflow)
-    tags = client.get_model_version(config.mlflow.registered_model, live.version).tags
-    data = versioning.checkout_dataset(config.dvc.repo, config.dvc.remote, tags["data_name"], tags["data_version"])
+    prepared = dataset_of(Registry(config.mlflow).version_tags(live.version), config.dvc)
     try:
         token = secret(config.serve.token_env)
         result = traffic.replay(
-            live.url, traffic.load_images(data / "test"), requests=options.get("requests"),
+            live.url, traffic.load_images(prepared.path / "test"), requests=options.get("requests"),
             drift=options.get("drift", "none"), strength=options.get("strength", 0.8),
             feedback_share=options.get("feedback", 0.0), concurrency=options.get("concurrency", 4),
             token=token, seed=options.get("seed", 0), class_mix_target=options.get("target"),

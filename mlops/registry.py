@@ -1,26 +1,26 @@
-"""Register: MLflow runs, the ONNX model flavour, model versions, their lineage and aliases.
+"""The MLflow store and model registry behind one object, opened once with explicit settings.
 
-Run ids are passed explicitly and every call goes through `MlflowClient`, so nothing depends on
-MLflow's thread-local "active run" (Prefect runs tasks in threads).
+`Registry(settings)` holds a `MlflowClient` for the configured tracking and registry URI; it never
+sets MLflow's process-wide URIs, and it creates an experiment only when a run is started in it.
+Run ids are passed explicitly, so nothing depends on MLflow's thread-local "active run" (Prefect
+runs tasks in threads).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import onnx
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 
 from mlops.config import MlflowConfig
-from mlops.inference import OnnxClassifier
 
 MODEL_ARTIFACT = "model"
 REFERENCE_ARTIFACT = "reference"
@@ -29,40 +29,164 @@ TRAIN_KEY_TAG = "mlops.train_key"
 PACKAGED_TAG = "mlops.packaged"
 
 
-def connect(settings: MlflowConfig) -> tuple[MlflowClient, str]:
-    """A client for the configured store, and the experiment id (created on first use)."""
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
-    client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
-    experiment = client.get_experiment_by_name(settings.experiment)
-    if experiment is not None:
-        return client, experiment.experiment_id
-    location = settings.artifact_location
-    if location is None and settings.tracking_uri.startswith("sqlite:///"):
-        # a local database keeps its artifacts beside it, never in the working directory
-        location = str(Path(settings.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts")
-    if location and "://" not in location:
-        location = Path(location).resolve().as_uri()
-    return client, client.create_experiment(settings.experiment, artifact_location=location)
+@dataclass(frozen=True)
+class VersionRef:
+    name: str
+    version: str
+    run_id: str
 
 
-def start_run(client: MlflowClient, experiment_id: str, name: str, tags: dict[str, str]) -> str:
-    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+class Registry:
+    def __init__(self, settings: MlflowConfig):
+        self.settings = settings
+        self.client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
+        self.model = settings.registered_model
 
+    # -- experiments and runs ------------------------------------------------------------
 
-def log_flat(
-    client: MlflowClient,
-    run_id: str,
-    metrics: dict[str, float] | None = None,
-    params: dict[str, object] | None = None,
-    tags: dict[str, object] | None = None,
-) -> None:
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()],
-        params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-    )
+    def experiment_id(self, name: str | None = None, create: bool = True) -> str | None:
+        """The id of experiment `name` (default: the build experiment), created on first use."""
+        name = name or self.settings.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None or not create:
+            return experiment.experiment_id if experiment else None
+        location = self.settings.artifact_location
+        uri = self.settings.tracking_uri
+        if location is None and uri.startswith("sqlite:///"):
+            # a local database keeps its artifacts beside it, never in the working directory
+            location = str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+        if location and "://" not in location:
+            location = Path(location).resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    @contextmanager
+    def run(self, name: str, tags: dict[str, str], experiment: str | None = None) -> Iterator[str]:
+        """A run that always ends: FINISHED when the block completes, FAILED (with the error as
+        the tag `mlops.error`) when it raises; the exception goes on."""
+        run_id = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags).info.run_id
+        try:
+            yield run_id
+        except BaseException as error:
+            self.client.set_tag(run_id, "mlops.error", f"{type(error).__name__}: {error}"[:5000])
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def log(
+        self,
+        run_id: str,
+        metrics: dict[str, float] | None = None,
+        params: dict[str, object] | None = None,
+        tags: dict[str, object] | None = None,
+    ) -> None:
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()],
+            params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_artifact(self, run_id: str, local: Path, path: str | None = None) -> None:
+        (self.client.log_artifacts if Path(local).is_dir() else self.client.log_artifact)(run_id, str(local), path)
+
+    def artifact_uri(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.artifact_uri
+
+    def find_reusable_run(self, train_key: str) -> str | None:
+        """The newest run that trained and packaged a model under the same train key, if any."""
+        experiment = self.experiment_id(create=False)
+        if experiment is None:
+            return None
+        runs = self.client.search_runs(
+            [experiment],
+            filter_string=f"tags.`{TRAIN_KEY_TAG}` = '{train_key}' and tags.`{PACKAGED_TAG}` = 'true'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    # -- models ----------------------------------------------------------------------------
+
+    def log_onnx_model(self, run_id: str, onnx_path: Path, example: np.ndarray, logits: np.ndarray) -> None:
+        """Log the ONNX file in MLflow's ONNX flavour under the run's `model/` artifact path."""
+        import mlflow.onnx
+        import onnx
+        from mlflow.models import infer_signature
+
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / MODEL_ARTIFACT
+            mlflow.onnx.save_model(
+                onnx.load(str(onnx_path)), str(target), signature=infer_signature(example, logits),
+                save_as_external_data=False,
+            )
+            self.client.log_artifacts(run_id, str(target), MODEL_ARTIFACT)
+        self.client.set_tag(run_id, PACKAGED_TAG, "true")
+
+    def download_model(self, run_id: str, dest: Path) -> Path:
+        """The ONNX file logged by `run_id`, downloaded under `dest`."""
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{ONNX_FILE}", str(dest)))
+
+    def download_reference(self, run_id: str, dest: Path) -> Path | None:
+        """The run's monitoring reference folder, or None if it has none (an older version)."""
+        if not any(a.path == REFERENCE_ARTIFACT for a in self.client.list_artifacts(run_id)):
+            return None
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, REFERENCE_ARTIFACT, str(dest)))
+
+    # -- versions and aliases ------------------------------------------------------------
+
+    def alias(self, alias: str) -> VersionRef | None:
+        try:
+            version = self.client.get_model_version_by_alias(self.model, alias)
+        except MlflowException:
+            return None
+        return VersionRef(self.model, str(version.version), version.run_id)
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> version number of the registered model ({} before the first version)."""
+        try:
+            return {alias: str(v) for alias, v in self.client.get_registered_model(self.model).aliases.items()}
+        except MlflowException:
+            return {}
+
+    def set_alias(self, alias: str, version: str | None) -> None:
+        """Point `alias` at `version`; None removes it."""
+        if version is None:
+            if alias in self.aliases():
+                self.client.delete_registered_model_alias(self.model, alias)
+        else:
+            self.client.set_registered_model_alias(self.model, alias, version)
+
+    def version(self, number: str | int) -> VersionRef:
+        found = self.client.get_model_version(self.model, str(number))
+        return VersionRef(self.model, str(found.version), found.run_id)
+
+    def version_tags(self, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(self.model, version).tags)
+
+    def tag_version(self, version: str, tags: dict[str, object]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model, version, key, str(value))
+
+    def register(self, source_run_id: str, tags: dict[str, object], description: str) -> tuple[VersionRef, bool]:
+        """Register the model of `source_run_id` (or reuse its existing version); returns (version, created)."""
+        try:
+            self.client.get_registered_model(self.model)
+        except MlflowException:
+            self.client.create_registered_model(self.model, description="Image classifier built by the build flow")
+        existing = self.client.search_model_versions(f"name = '{self.model}' and run_id = '{source_run_id}'")
+        if existing:
+            version, created = existing[0], False
+        else:
+            source = f"{self.artifact_uri(source_run_id)}/{MODEL_ARTIFACT}"
+            version, created = self.client.create_model_version(self.model, source, run_id=source_run_id), True
+        self.tag_version(str(version.version), tags)
+        self.client.update_model_version(self.model, version.version, description=description)
+        return VersionRef(self.model, str(version.version), source_run_id), created
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -73,83 +197,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def find_reusable_run(client: MlflowClient, experiment_id: str, train_key: str) -> str | None:
-    """The newest run that trained and packaged a model under the same train key, if any."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TRAIN_KEY_TAG}` = '{train_key}' and tags.`{PACKAGED_TAG}` = 'true'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
-def log_onnx_model(client: MlflowClient, run_id: str, onnx_path: Path, example: np.ndarray) -> None:
-    """Log the ONNX file in MLflow's ONNX flavour under the run's `model/` artifact path."""
-    model = onnx.load(str(onnx_path))
-    signature = infer_signature(example, OnnxClassifier(onnx_path).logits(example))
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / MODEL_ARTIFACT
-        mlflow.onnx.save_model(model, str(target), signature=signature, save_as_external_data=False)
-        client.log_artifacts(run_id, str(target), MODEL_ARTIFACT)
-    client.set_tag(run_id, PACKAGED_TAG, "true")
-
-
-def download_model(client: MlflowClient, run_id: str, dest: Path) -> Path:
-    """The ONNX file logged by `run_id`, downloaded under `dest`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    local = client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{ONNX_FILE}", str(dest))
-    return Path(local)
-
-
-def download_reference(client: MlflowClient, run_id: str, dest: Path) -> Path | None:
-    """The run's monitoring reference folder, or None if it has none (an older version)."""
-    if not any(a.path == REFERENCE_ARTIFACT for a in client.list_artifacts(run_id)):
-        return None
-    dest.mkdir(parents=True, exist_ok=True)
-    return Path(client.download_artifacts(run_id, REFERENCE_ARTIFACT, str(dest)))
-
-
-@dataclass(frozen=True)
-class VersionRef:
-    name: str
-    version: str
-    run_id: str
-
-
-def get_alias(client: MlflowClient, name: str, alias: str) -> VersionRef | None:
-    try:
-        version = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-    return VersionRef(name, str(version.version), version.run_id)
-
-
-def register(
-    client: MlflowClient,
-    name: str,
-    source_run_id: str,
-    tags: dict[str, object],
-    description: str,
-) -> tuple[VersionRef, bool]:
-    """Register the model of `source_run_id` (or reuse its existing version); returns (version, created)."""
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="Image classifier built by the build flow")
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{source_run_id}'")
-    if existing:
-        version, created = existing[0], False
-    else:
-        source = f"{client.get_run(source_run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
-        version = client.create_model_version(name, source, run_id=source_run_id)
-        created = True
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, str(value))
-    client.update_model_version(name, version.version, description=description)
-    return VersionRef(name, str(version.version), source_run_id), created
 
 
 def model_card(

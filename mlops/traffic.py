@@ -15,11 +15,9 @@ import argparse
 import io
 import json
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -28,14 +26,14 @@ import httpx
 import numpy as np
 from PIL import Image, ImageFilter
 
+from mlops.clients import auth_headers, in_threads, predict
 from mlops.config import secret
+from mlops.data.layout import IMAGE_SUFFIXES, scan_classes
 
 DRIFTS = ("none", "brightness", "noise", "blur", "class_mix")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLASS_MIX_SHARE = 0.8  # share of the requests drawn from the target class under `class_mix`
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 # -- corruption ----------------------------------------------------------------------------
@@ -77,18 +75,10 @@ def encode_png(image: Image.Image) -> bytes:
 
 def load_images(root: Path) -> list[tuple[Path, str]]:
     """(path, class name) of every image under `root/<class>/`, sorted by class, then path."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"{root}: not a directory (expected one sub-folder of images per class)")
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    found = scan_classes(root, nested=False, suffixes=IMAGE_SUFFIXES)
+    if not found:
         raise ValueError(f"{root}: no class folders (expected one sub-folder of images per class)")
-    images = [
-        (path, folder.name)
-        for folder in classes
-        for path in sorted(folder.iterdir())
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    images = [(path, name) for name, paths in found.items() for path in paths]
     if not images:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
     return images
@@ -173,27 +163,6 @@ class ReplayResult:
         )
 
 
-def _in_threads(jobs: Sequence[T], concurrency: int, timeout_s: float, work: Callable[[httpx.Client, int, T], R]) -> list[R]:
-    """work(client, index, job) for every job, from `concurrency` threads with one client each."""
-    results: list = [None] * len(jobs)
-    lock, position = threading.Lock(), iter(range(len(jobs)))
-
-    def worker() -> None:
-        with httpx.Client(timeout=timeout_s) as client:
-            while True:
-                with lock:
-                    index = next(position, None)
-                if index is None:
-                    return
-                results[index] = work(client, index, jobs[index])
-
-    threads = max(1, min(concurrency, len(jobs)))
-    with ThreadPoolExecutor(threads, thread_name_prefix="replay") as pool:
-        for future in [pool.submit(worker) for _ in range(threads)]:
-            future.result()  # a bug in a worker surfaces here
-    return results
-
-
 def replay(
     url: str,
     images: list[tuple[Path, str]],
@@ -221,9 +190,9 @@ def replay(
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     url = url.rstrip("/")
     picked = pick_images(images, requests, drift, seed, class_mix_target)
-    headers = {"authorization": f"Bearer {token}"} if token else {}
+    headers = auth_headers(token)
 
-    def predict(client: httpx.Client, index: int, item: tuple[Path, str]) -> Answer:
+    def send(client: httpx.Client, index: int, item: tuple[Path, str]) -> Answer:
         path, label = item
         try:
             with Image.open(path) as image:
@@ -231,12 +200,8 @@ def replay(
                 body = encode_png(corrupt(image, drift, strength, np.random.default_rng([seed, index])))
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read image {path}: {error}") from error
-        try:
-            response = client.post(url + "/predict", content=body, headers=headers | {"content-type": "image/png"})
-            answer = response.json() if response.status_code == 200 else {}
-            return Answer(path, label, response.status_code, answer.get("request_id"), answer.get("prediction"))
-        except (httpx.HTTPError, ValueError, AttributeError):  # no answer, or a 200 that is not ours
-            return Answer(path, label, 0)
+        reply = predict(client, url, body, headers)
+        return Answer(path, label, reply.status, reply.request_id, reply.prediction)
 
     def feedback(client: httpx.Client, _: int, answer: Answer) -> None:
         try:
@@ -246,11 +211,11 @@ def replay(
             answer.feedback = False
 
     started = time.perf_counter()
-    answers = _in_threads(picked, concurrency, timeout_s, predict)
+    answers = in_threads(picked, concurrency, timeout_s, send)
     ok = [a for a in answers if a.status == 200 and a.request_id and a.prediction is not None]
     chosen = round(feedback_share * len(ok))
     labelled = [ok[i] for i in sorted(np.random.default_rng([seed, 1]).permutation(len(ok))[:chosen])]
-    _in_threads(labelled, concurrency, timeout_s, feedback)
+    in_threads(labelled, concurrency, timeout_s, feedback)
     elapsed = time.perf_counter() - started
 
     return ReplayResult(

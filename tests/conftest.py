@@ -54,8 +54,8 @@ def tiny_classifier():
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory) -> Path:
     """The tiny CNN exported with a spec of three classes at 16 px."""
-    from mlops.inference import ModelSpec
-    from mlops.packaging import export_onnx
+    from mlops.serve.inference import ModelSpec
+    from mlops.train.packaging import export_onnx
 
     spec = ModelSpec(("cat", "dog", "fox"), 16, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
     return export_onnx(tiny_classifier(), spec, tmp_path_factory.mktemp("tiny") / "tiny.onnx", opset=18)
@@ -69,7 +69,7 @@ class LiveApp:
 
         import uvicorn
 
-        from mlops.serving import bind
+        from mlops.serve.server import bind
 
         self.timeout_s = timeout_s
         self.sock = bind("127.0.0.1", 0, reuse_port=False)
@@ -140,10 +140,10 @@ def no_stray_servers(tmp_path_factory):
     yield
     import psutil
 
-    from mlops.deployment import stop_server
+    from mlops.deploy.processes import stop_server
 
     base = str(tmp_path_factory.getbasetemp())
     for process in psutil.process_iter(["pid", "cmdline"]):
         command = " ".join(process.info["cmdline"] or [])
-        if "mlops.serving" in command and base in command:
+        if "mlops.serve" in command and base in command:
             stop_server(process.info["pid"])

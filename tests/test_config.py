@@ -12,16 +12,24 @@ from flows import config as flow_config
 from flows.config import CONF_DIR, load_config
 from mlops.config import ConfigError
 
-GROUPS = ("data", "model", "train", "thresholds", "serve", "deploy", "env")
+# the groups each primary config lists (its defaults list): a flow validates only its own
+GROUPS = {
+    "build": ("data", "model", "train", "gate", "env"),
+    "deploy": ("serve", "deploy", "env"),
+    "monitor": ("monitor", "env"),
+}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def group_options() -> list[tuple[str, str]]:
-    return [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+def group_options() -> list[tuple[str, str, str]]:
+    return [
+        (flow, group, p.stem) for flow, groups in GROUPS.items() for group in groups
+        for p in sorted((CONF_DIR / group).glob("*.yaml"))
+    ]
 
 
-@pytest.mark.parametrize(("group", "option"), group_options())
-def test_every_option_composes_and_validates(group, option, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("flow", "group", "option"), group_options())
+def test_every_option_composes_and_validates(flow, group, option, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     monkeypatch.setenv("DVC_REMOTE_URL", str(tmp_path / "remote"))
     overrides = [f"paths.workspace={tmp_path}"]
@@ -29,11 +37,71 @@ def test_every_option_composes_and_validates(group, option, tmp_path, monkeypatc
         overrides.append(f"{group}={option}")
     if (group, option) == ("data", "imagefolder"):
         overrides.append(f"data.path={tmp_path}")
-    config = load_config("build", option if group == "env" else "test", overrides)
-    assert config.environment == (option if group == "env" else "test")
+    config = load_config(flow, option if group == "env" else "test", overrides)
+    assert config.environment == (option if group == "env" else "test")  # named after the env option
     assert config.paths.workspace == tmp_path.resolve()
     if group == "model":
         assert config.model.name == option
+
+
+def test_each_flow_validates_only_its_own_sections(tmp_path):
+    build, deploy, monitor = (load_config(flow, "test", [f"paths.workspace={tmp_path}"]) for flow in GROUPS)
+    assert {"data", "model", "train", "gate"} <= set(build.model_fields) and "serve" not in build.model_fields
+    assert {"serve", "deploy", "action"} <= set(deploy.model_fields) and "train" not in deploy.model_fields
+    assert "monitor" in monitor.model_fields and not {"data", "train", "serve"} & set(monitor.model_fields)
+    assert build.paths == deploy.paths == monitor.paths  # the common sections agree
+
+
+@pytest.mark.parametrize("flow", list(GROUPS))
+def test_an_unknown_key_in_any_flow_names_the_key(flow):
+    with pytest.raises(ConfigError, match=r"mlflow\.tracking_urii"):
+        load_config(flow, "test", ["+mlflow.tracking_urii=x"])
+    with pytest.raises(ConfigError, match=r"mlflow\.tracking_urii"):
+        load_config(flow, "test", ["mlflow.tracking_urii=x"])
+
+
+def test_deploy_and_monitor_validate_without_torchvision_or_a_data_path(tmp_path):
+    """Loading and validating their configs (the data=imagefolder path unset) imports no torch."""
+    code = (
+        "import sys\n"
+        "import flows.deploy, flows.monitor\n"
+        "from flows.config import load_config\n"
+        f"load_config('deploy', 'test', ['paths.workspace={tmp_path}'])\n"
+        f"load_config('monitor', 'test', ['paths.workspace={tmp_path}'])\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'pytorch_lightning') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_an_old_key_names_its_new_name(conf_copy):
+    with pytest.raises(ConfigError, match=r"thresholds\.min_accuracy: renamed to gate\.min_accuracy"):
+        load_config("build", "test", ["thresholds.min_accuracy=0.3"])
+    with pytest.raises(ConfigError, match=r"deploy\.mode: renamed to action"):
+        load_config("deploy", "test", ["deploy.mode=release"])
+    with pytest.raises(ConfigError, match=r"serve\.records\.dir: renamed to records\.dir"):
+        load_config("deploy", "test", ["serve.records.dir=/tmp/x"])
+    path = conf_copy / "gate" / "default.yaml"  # an old key in a user's own YAML
+    path.write_text(path.read_text() + "application:\n  min_accuracy: 0.5\n")
+    with pytest.raises(ConfigError, match=r"gate\.application: Extra inputs"):
+        load_config("build", "test", [])
+    path = conf_copy / "monitor" / "default.yaml"
+    path.write_text(path.read_text() + "state_dir: /tmp/x\n")
+    with pytest.raises(ConfigError, match=r"monitor\.state_dir: renamed to paths\.monitor"):
+        load_config("monitor", "test", [])
+
+
+def test_one_deploy_switch_and_each_environment_says_what_it_may_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("DVC_REMOTE_URL", str(tmp_path))
+    assert load_config("deploy", "test", []).action == "validate"
+    assert load_config("deploy", "production", []).action == "release"
+    assert load_config("deploy", "production", ["action=rollback"]).action == "rollback"
+    with pytest.raises(ConfigError, match=r"action: .*'rollback' is not an action of environment 'test'"):
+        load_config("deploy", "test", ["action=rollback"])  # used to validate the candidate silently
+    with pytest.raises(ConfigError, match=r"action: .*'validate' is not an action of environment 'production'"):
+        load_config("deploy", "production", ["action=validate"])
 
 
 def test_test_env_is_small_and_keeps_every_store_under_the_workspace(tmp_path, monkeypatch):
@@ -75,8 +143,8 @@ def test_unknown_model_name_is_refused():
 
 
 def test_misspelled_key_on_the_command_line_names_the_key():
-    with pytest.raises(ConfigError, match=r"thresholds\.min_acuracy"):
-        load_config("build", "test", ["thresholds.min_acuracy=0.3"])
+    with pytest.raises(ConfigError, match=r"gate\.min_acuracy"):
+        load_config("build", "test", ["gate.min_acuracy=0.3"])
 
 
 @pytest.fixture
@@ -88,12 +156,12 @@ def conf_copy(tmp_path, monkeypatch) -> Path:
 
 
 def test_misspelled_key_in_a_yaml_file_names_the_key(conf_copy):
-    path = conf_copy / "thresholds" / "default.yaml"
+    path = conf_copy / "gate" / "default.yaml"
     path.write_text(path.read_text().replace("min_accuracy:", "min_acuracy:"))
     with pytest.raises(ConfigError) as caught:
         load_config("build", "test", [])
     problems = caught.value.problems
-    assert "thresholds.min_acuracy: Extra inputs are not permitted" in problems
+    assert "gate.min_acuracy: Extra inputs are not permitted" in problems
 
 
 def test_wrong_type_in_a_yaml_file_names_the_key(conf_copy):
@@ -122,7 +190,7 @@ def test_cli_prints_the_production_config_without_running(tmp_path):
     result = run_cli("--cfg", "job", "env=production", workspace=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "tracking_uri: ${oc.env:MLFLOW_TRACKING_URI}" in result.stdout
-    assert "environment: production" in result.stdout
+    assert "workspace: ${oc.env:MLOPS_WORKSPACE,/var/lib/mlops}" in result.stdout  # the production overlay
     assert list(tmp_path.iterdir()) == []
 
 
@@ -144,7 +212,7 @@ def test_a_dataset_and_a_model_added_by_yaml_alone(conf_copy, tmp_path):
 
 def test_production_scales_out_by_configuration(monkeypatch, tmp_path):
     """DDP over GPUs and nodes, a tracking server and an object-store DVC remote: all config."""
-    from mlops.training import trainer_settings
+    from mlops.train.training import trainer_settings
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow@db.internal/mlflow")
     monkeypatch.setenv("DVC_REMOTE_URL", "s3://datasets/dvc")
@@ -154,4 +222,5 @@ def test_production_scales_out_by_configuration(monkeypatch, tmp_path):
     assert (settings["strategy"], settings["num_nodes"], settings["accelerator"]) == ("ddp", 4, "gpu")
     assert settings["precision"] == "16-mixed" and config.train.learning_rate == 1e-3  # the rest from default
     assert config.mlflow.tracking_uri.startswith("postgresql://") and config.dvc.remote.startswith("s3://")
-    assert config.serve.token_env == "MLOPS_API_TOKEN" and config.deploy.mode == "release"
+    deploy = load_config("deploy", "production", [f"paths.workspace={tmp_path}"])
+    assert deploy.serve.token_env == "MLOPS_API_TOKEN" and deploy.action == "release"

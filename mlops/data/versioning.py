@@ -12,15 +12,15 @@ from pathlib import Path
 
 import yaml
 
+from mlops.config import DvcConfig
+from mlops.data.ingest import Prepared, load_prepared
+from mlops.data.layout import dataset_dir
+
 REMOTE_NAME = "store"
 
 
 class DataVersionError(ValueError):
     pass
-
-
-def dataset_dir(repo_dir: Path, name: str) -> Path:
-    return repo_dir / "datasets" / name
 
 
 def open_repo(repo_dir: Path, remote: str):
@@ -76,3 +76,11 @@ def checkout_dataset(repo_dir: Path, remote: str, name: str, version: str) -> Pa
             f" ({type(error).__name__}: {error})"
         ) from None
     return target
+
+
+def dataset_of(tags: dict[str, str], dvc: DvcConfig) -> Prepared:
+    """The prepared dataset a model version was built on (its `data_name`/`data_version` tags)."""
+    missing = [key for key in ("data_name", "data_version") if key not in tags]
+    if missing:
+        raise DataVersionError(f"the model version has no {' or '.join(missing)} tag: its data is unknown")
+    return load_prepared(checkout_dataset(dvc.repo, dvc.remote, tags["data_name"], tags["data_version"]))

@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import get_model
 
-from mlops.config import Config, ModelConfig
-from mlops.data import Prepared
-from mlops.inference import ModelSpec, load_array
+from mlops.config import BuildConfig, ModelConfig
+from mlops.data.ingest import Prepared
+from mlops.serve.inference import ModelSpec, load_array
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,11 @@ def _update_batchnorm(network: nn.Module, files: list[tuple[Path, int]], spec: M
         torch.optim.swa_utils.update_bn((x for x, _ in loader), network)
 
 
-def model_spec(config: Config, classes: list[str]) -> ModelSpec:
+def model_spec(config: BuildConfig, classes: list[str]) -> ModelSpec:
     return ModelSpec(tuple(classes), config.data.input_size, config.data.mean, config.data.std)
 
 
-def trainer_settings(config: Config) -> dict:
+def trainer_settings(config: BuildConfig) -> dict:
     """`lightning.Trainer` arguments from `conf/train`: the same YAML runs on a CPU or on DDP."""
     t = config.train
     return {
@@ -120,7 +120,7 @@ def trainer_settings(config: Config) -> dict:
     }
 
 
-def train(config: Config, data: Prepared, workdir: Path, logger=None) -> Trained:
+def train(config: BuildConfig, data: Prepared, workdir: Path, logger=None) -> Trained:
     """Fit the configured network on `data` (train/val splits); `logger` is a Lightning logger."""
     pl.seed_everything(config.seed, workers=True, verbose=False)
     spec = model_spec(config, data.classes)

@@ -1,4 +1,9 @@
-"""Lineage: which code, commit and config made a model, and the key that says "nothing changed"."""
+"""Lineage: which code, commit and config made a model, and the key that says "nothing changed".
+
+The key hashes only what shapes a trained model: the data version, the training and export
+settings, and the code that trains, exports and preprocesses. Editing the model server, the
+monitor or a flow never retrains a model.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlops.config import Config
+from mlops.config import BuildConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CODE_PACKAGES = ("mlops", "flows")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# the code a trained model depends on (the data's own code is covered by the data version)
+TRAINING_CODE = ("mlops/train/training.py", "mlops/train/packaging.py", "mlops/serve/inference.py")
 
 
 @dataclass(frozen=True)
@@ -34,21 +40,20 @@ def git_state(root: Path = PROJECT_ROOT) -> GitState:
     return GitState(commit, dirty)
 
 
-def code_hash(root: Path = PROJECT_ROOT) -> str:
-    """sha256 over the project's Python sources: a dirty tree still gets a distinct code version."""
+def code_hash(root: Path = PROJECT_ROOT, files: tuple[str, ...] = TRAINING_CODE) -> str:
+    """sha256 over the training code: a dirty tree still gets a distinct code version."""
     digest = hashlib.sha256()
-    for package in CODE_PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
+    for name in files:
+        digest.update(name.encode())
+        digest.update((root / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def config_hash(config: Config) -> str:
+def config_hash(config: BuildConfig) -> str:
     return _hash(config.model_dump(mode="json"))
 
 
-def trace(config: Config, data_version: str) -> dict[str, str]:
+def trace(config: BuildConfig, data_version: str) -> dict[str, str]:
     """What a model version records to be traced back: data, commit, code and config."""
     git = git_state()
     return {
@@ -61,7 +66,7 @@ def trace(config: Config, data_version: str) -> dict[str, str]:
     }
 
 
-def train_key(config: Config, data_version: str, code: str) -> str:
+def train_key(config: BuildConfig, data_version: str, code: str) -> str:
     """Same key, same model: data content, everything that shapes training and export, and code.
 
     Thresholds, stores and names are left out, so changing a bound re-gates without retraining.
@@ -71,13 +76,24 @@ def train_key(config: Config, data_version: str, code: str) -> str:
         {
             "data_version": data_version,
             "data": data,
-            "model": config.model.model_dump(mode="json"),
+            "model": {"name": config.model.name, "weights": file_hash(config.model.weights_path)},
             "train": config.train.model_dump(mode="json", exclude={"progress_bar", "num_workers"}),
             "export": config.export.model_dump(mode="json", exclude={"latency_images"}),
             "seed": config.seed,
             "code": code,
         }
     )
+
+
+def file_hash(path: Path | None) -> str | None:
+    """The content of a file (initial weights), so a file replaced under the same path counts."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _hash(payload: object) -> str:

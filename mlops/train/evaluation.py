@@ -1,20 +1,20 @@
-"""Evaluate a packaged model on the test split, and gate it against thresholds.
+"""Evaluate a packaged model on the test split, and the build gate over that evaluation.
 
-The gate collects every check (value, bound, verdict) before deciding, so one report shows all
-that is wrong at once.
+The gate is a pure rule: it collects every check (value, bound, verdict) before deciding, so one
+report shows all that is wrong at once.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from mlops.config import ApplicationThresholds, Thresholds
-from mlops.inference import OnnxClassifier, load_array
+from mlops.checks import Check, Report, classification, compare, recall_gap_check
+from mlops.config import GateThresholds
+from mlops.serve.inference import OnnxClassifier, load_array
 
 
 @dataclass
@@ -70,23 +70,17 @@ def measure_latency(model: OnnxClassifier, files: list[tuple[Path, int]], count:
 def evaluate(model: OnnxClassifier, files: list[tuple[Path, int]], latency_images: int) -> Evaluation:
     classes = list(model.spec.classes)
     truth, predicted = classify(model, files)
-    labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        truth, predicted, labels=labels, zero_division=0
-    )
+    scores = classification(truth, predicted, range(len(classes)), classes)
     p50, p95 = measure_latency(model, files, latency_images)
     return Evaluation(
         classes=classes,
         images=len(truth),
-        accuracy=float((truth == predicted).mean()),
-        macro_precision=float(precision.mean()),
-        macro_recall=float(recall.mean()),
-        macro_f1=float(f1.mean()),
-        per_class={
-            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(classes, precision, recall, f1, support)
-        },
-        confusion=confusion_matrix(truth, predicted, labels=labels).tolist(),
+        accuracy=scores.accuracy,
+        macro_precision=scores.macro_precision,
+        macro_recall=scores.macro_recall,
+        macro_f1=scores.macro_f1,
+        per_class=scores.per_class,
+        confusion=scores.confusion,
         latency_p50_ms=p50,
         latency_p95_ms=p95,
     )
@@ -122,76 +116,26 @@ def plot_confusion(evaluation: Evaluation, path: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class Check:
-    name: str
-    value: float | None
-    bound: float | None
-    op: str  # ">=" or "<="
-    passed: bool | None  # None: skipped
-    note: str = ""
+class Baseline:
+    """What the new model is compared with: the production model on the same test split, or why not."""
 
-    @property
-    def verdict(self) -> str:
-        return {True: "pass", False: "FAIL", None: "skipped"}[self.passed]
+    label: str  # "production v3", or the reason there is no comparison
+    evaluation: Evaluation | None = None
 
 
-@dataclass
-class GateReport:
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(check.passed is not False for check in self.checks)
-
-    @property
-    def failures(self) -> list[Check]:
-        return [check for check in self.checks if check.passed is False]
-
-    def to_dict(self) -> dict:
-        return {"passed": self.passed, "checks": [asdict(c) | {"verdict": c.verdict} for c in self.checks]}
-
-    def to_markdown(self) -> str:
-        rows = [
-            f"| {c.name} | {_fmt(c.value)} | {c.op} {_fmt(c.bound)} | {c.verdict} | {c.note} |"
-            for c in self.checks
-        ]
-        head = f"**Gate: {'PASSED' if self.passed else 'FAILED'}**\n\n"
-        return head + "| check | value | bound | verdict | note |\n|---|---|---|---|---|\n" + "\n".join(rows)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-def compare(name: str, value: float, op: str, bound: float, note: str = "") -> Check:
-    passed = value >= bound if op == ">=" else value <= bound
-    return Check(name, round(value, 6), bound, op, bool(passed), note)
-
-
-def gate(
-    new: Evaluation,
-    thresholds: Thresholds,
-    production: Evaluation | None = None,
-    production_label: str = "",
-) -> GateReport:
-    """Absolute bounds on `new`, then change bounds against `production` (same test split)."""
+def gate(new: Evaluation, thresholds: GateThresholds, baseline: Baseline | None = None) -> Report:
+    """Absolute bounds on `new`, then change bounds against the baseline (same test split)."""
     recalls = {name: scores["recall"] for name, scores in new.per_class.items()}
     worst = min(recalls, key=recalls.get)
-    best = max(recalls, key=recalls.get)
     checks = [
         compare("accuracy", new.accuracy, ">=", thresholds.min_accuracy),
         compare("min_class_recall", recalls[worst], ">=", thresholds.min_class_recall, f"worst class '{worst}'"),
-        compare(
-            "recall_gap",
-            recalls[best] - recalls[worst],
-            "<=",
-            thresholds.max_recall_gap,
-            f"'{best}' {recalls[best]:.3f} - '{worst}' {recalls[worst]:.3f}",
-        ),
+        recall_gap_check(new.per_class, thresholds.max_recall_gap),
         compare("p95_latency_ms", new.latency_p95_ms, "<=", thresholds.max_p95_latency_ms, "ONNX, 1 image/call"),
     ]
+    production = baseline.evaluation if baseline else None
     if production is None:
-        note = production_label or "no production model yet: comparison skipped"
+        note = baseline.label if baseline else "no production model yet: comparison skipped"
         checks += [
             Check("accuracy_vs_production", None, None, ">=", None, note),
             Check("macro_f1_vs_production", None, None, ">=", None, note),
@@ -203,28 +147,14 @@ def gate(
                 new.accuracy,
                 ">=",
                 round(production.accuracy - thresholds.max_accuracy_drop, 6),
-                f"{production_label} accuracy {production.accuracy:.4f} - max_accuracy_drop",
+                f"{baseline.label} accuracy {production.accuracy:.4f} - max_accuracy_drop",
             ),
             compare(
                 "macro_f1_vs_production",
                 new.macro_f1,
                 ">=",
                 round(production.macro_f1 - thresholds.max_macro_f1_drop, 6),
-                f"{production_label} macro F1 {production.macro_f1:.4f} - max_macro_f1_drop",
+                f"{baseline.label} macro F1 {production.macro_f1:.4f} - max_macro_f1_drop",
             ),
         ]
-    return GateReport(checks)
-
-
-def application_gate(result, thresholds: ApplicationThresholds) -> GateReport:
-    """The served model, over HTTP on the test split (`mlops.deployment.ApplicationResult`)."""
-    note = f"{result.requests} requests, statuses {result.statuses}"
-    return GateReport(
-        [
-            compare("app_accuracy", result.accuracy, ">=", thresholds.min_accuracy, note),
-            compare("app_macro_precision", result.macro_precision, ">=", thresholds.min_macro_precision),
-            compare("app_macro_recall", result.macro_recall, ">=", thresholds.min_macro_recall),
-            compare("app_p95_latency_ms", result.latency_p95_ms, "<=", thresholds.max_p95_latency_ms, "HTTP, end to end"),
-            compare("app_error_rate", result.error_rate, "<=", thresholds.max_error_rate),
-        ]
-    )
+    return Report({"gate": checks})

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mlops.config import DataConfig, ValidationPolicy
+from mlops.data.layout import MARKER, SPLITS, scan_classes
 
-SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 
 
@@ -48,10 +48,8 @@ class Prepared:
 
     def files(self, split: str) -> list[tuple[Path, int]]:
         """(image path, class index) pairs of one split, in a stable order."""
-        pairs = []
-        for index, name in enumerate(self.classes):
-            pairs += [(p, index) for p in sorted((self.path / split / name).iterdir())]
-        return pairs
+        found = scan_classes(self.path / split, nested=False)
+        return [(path, index) for index, name in enumerate(self.classes) for path in found.get(name, [])]
 
 
 # -- sources -------------------------------------------------------------------------------
@@ -61,7 +59,7 @@ def materialize_digits(dest: Path) -> Path:
     """Write scikit-learn's digits as 8-bit grayscale PNGs, `<dest>/<digit>/<index>.png`."""
     from sklearn.datasets import load_digits
 
-    done = dest / ".complete"
+    done = dest / MARKER
     if done.exists():
         return dest
     digits = load_digits()
@@ -85,17 +83,11 @@ def source_root(data: DataConfig, workspace: Path) -> Path:
 
 
 def scan_class_folders(root: Path) -> dict[str, list[Path]]:
-    """Every regular file under each class folder (nested folders included), sorted."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise DataError(
-            f"data source {root}",
-            [f"needs at least 2 class folders, found {len(classes)}: {classes}"],
-        )
-    return {
-        name: sorted(p for p in (root / name).rglob("*") if p.is_file() and p.name != ".complete")
-        for name in classes
-    }
+    """Every file under each class folder (nested folders included); at least two classes."""
+    found = scan_classes(root)
+    if len(found) < 2:
+        raise DataError(f"data source {root}", [f"needs at least 2 class folders, found {len(found)}: {sorted(found)}"])
+    return found
 
 
 # -- validation ----------------------------------------------------------------------------

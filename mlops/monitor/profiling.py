@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from mlops.features import FEATURES, image_features
-from mlops.inference import OnnxClassifier, load_array
+from mlops.serve.features import FEATURES, image_features
+from mlops.serve.inference import OnnxClassifier, load_array
 
 OUTPUTS = ("prediction", "confidence")
 PROFILE_FILE, VALUES_FILE = "profile.bin", "values.json"

@@ -10,7 +10,7 @@ import onnx
 import torch
 from torch import nn
 
-from mlops.inference import SPEC_KEY, ModelSpec, OnnxClassifier
+from mlops.serve.inference import SPEC_KEY, ModelSpec, OnnxClassifier
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 

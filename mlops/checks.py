@@ -1,0 +1,163 @@
+"""Checks, reports and classification metrics: the one vocabulary of every verdict.
+
+A `Check` is a value against a bound with its verdict; a `Report` holds checks in named
+sections (the build gate has one, the monitor five) and renders them as markdown or HTML the
+same way everywhere. `classification` computes the metrics every stage judges a model by.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Op = Literal[">=", "<=", "in range", ""]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float | None
+    bound: float | None
+    op: Op
+    passed: bool | None  # None: skipped
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return {True: "pass", False: "FAIL", None: "skipped"}[self.passed]
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"verdict": self.verdict}
+
+    def describe(self) -> str:
+        """One line for an error message: `accuracy 0.41 not >= 0.5`."""
+        return f"{self.name} {fmt(self.value)} not {self.op} {fmt(self.bound)}"
+
+
+def compare(name: str, value: float, op: Op, bound: float, note: str = "") -> Check:
+    passed = value >= bound if op == ">=" else value <= bound
+    return Check(name, round(float(value), 6), bound, op, bool(passed), note)
+
+
+def skipped(name: str, note: str) -> Check:
+    return Check(name, None, None, "", None, note)
+
+
+def fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class Report:
+    """Checks in named sections; it passes when no check failed (skipped checks do not fail)."""
+
+    sections: dict[str, list[Check]] = field(default_factory=dict)
+
+    @property
+    def checks(self) -> list[Check]:
+        return [check for checks in self.sections.values() for check in checks]
+
+    @property
+    def breaches(self) -> list[tuple[str, Check]]:
+        return [(section, c) for section, checks in self.sections.items() for c in checks if c.passed is False]
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for _, check in self.breaches]
+
+    @property
+    def passed(self) -> bool:
+        return not self.breaches
+
+    def describe_failures(self) -> str:
+        return "; ".join(check.describe() for check in self.failures)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "sections": {s: [c.to_dict() for c in checks] for s, checks in self.sections.items()}}
+
+    def to_markdown(self) -> str:
+        titled = len(self.sections) > 1
+        return "\n".join(
+            (f"\n### {section}\n\n" if titled else "") + markdown_table(checks) for section, checks in self.sections.items()
+        )
+
+    def to_html(self) -> str:
+        return "".join(f"<h2>{html.escape(section)}</h2>{html_table(checks)}" for section, checks in self.sections.items())
+
+
+HEADER = ("check", "value", "bound", "verdict", "note")
+
+
+def _cells(check: Check) -> tuple[str, ...]:
+    return check.name, fmt(check.value), f"{check.op} {fmt(check.bound)}".strip(), check.verdict, check.note
+
+
+def markdown_table(checks: list[Check]) -> str:
+    rows = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    rows += ["| " + " | ".join(_cells(c)) + " |" for c in checks]
+    return "\n".join(rows) + "\n"
+
+
+def html_table(checks: list[Check]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in HEADER)
+    rows = "".join(
+        f"<tr class='{c.verdict.lower()}'>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in _cells(c)) + "</tr>"
+        for c in checks
+    )
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+# -- classification metrics ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Classification:
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    per_class: dict[str, dict[str, float]]  # class -> precision, recall, f1, support
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+
+
+def classification(truth: Sequence, predicted: Sequence, labels: Sequence, names: Sequence[str] | None = None,
+                   present_only: bool = False) -> Classification:
+    """Accuracy, macro and per-class precision/recall/F1 and the confusion matrix.
+
+    `labels` are the values `truth` and `predicted` use (class indices or names); a prediction
+    outside them (a failed request) counts as wrong. `present_only` averages the macro figures
+    over the classes that occur in `truth` (a window of production labels may lack some).
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    truth, predicted, labels = np.asarray(truth), np.asarray(predicted), list(labels)
+    names = [str(label) for label in labels] if names is None else list(names)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, labels=labels, zero_division=0
+    )
+    keep = support > 0 if present_only else np.ones(len(labels), dtype=bool)
+    return Classification(
+        accuracy=float((truth == predicted).mean()) if len(truth) else 0.0,
+        macro_precision=float(precision[keep].mean()) if keep.any() else 0.0,
+        macro_recall=float(recall[keep].mean()) if keep.any() else 0.0,
+        macro_f1=float(f1[keep].mean()) if keep.any() else 0.0,
+        per_class={
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(names, precision, recall, f1, support)
+        },
+        confusion=confusion_matrix(truth, predicted, labels=labels).tolist() if len(truth) else [[0] * len(labels)] * len(labels),
+    )
+
+
+def recall_gap_check(per_class: dict[str, dict[str, float]], max_gap: float) -> Check:
+    """Best minus worst class recall (classes with support only) against `max_gap`."""
+    recalls = {name: s["recall"] for name, s in per_class.items() if s["support"] > 0}
+    best, worst = max(recalls, key=recalls.get), min(recalls, key=recalls.get)
+    note = f"'{best}' {recalls[best]:.3f} - '{worst}' {recalls[worst]:.3f}"
+    return compare("recall_gap", recalls[best] - recalls[worst], "<=", max_gap, note)

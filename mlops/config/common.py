@@ -1,0 +1,141 @@
+"""What every flow's config shares (names, stores, records, the service level) and how a config
+is validated: `validate_config` turns a composed dict into a flow's schema or raises
+`ConfigError` listing every problem by its dotted key path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DURATION = r"^\d+(\.\d+)?[smhd]$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+DEPLOYMENT = r"^[^/]+/[^/]+$"
+
+# Keys that moved, so that an old override or YAML file gets the new name instead of "extra inputs".
+RENAMED = {
+    "thresholds.application.max_p95_latency_ms": "slo.max_p95_latency_ms",
+    "thresholds.application": "deploy.app_tests",
+    "thresholds": "gate",
+    "deploy.mode": "action (validate | release | rollback | stop)",
+    "deploy.state_dir": "paths.deploy",
+    "deploy.app_test_concurrency": "deploy.app_tests.concurrency",
+    "monitor.state_dir": "paths.monitor",
+    "monitor.telemetry.max_p95_latency_ms": "slo.max_p95_latency_ms",
+    "serve.records": "records",
+}
+
+
+def renamed(key: str) -> str | None:
+    """The new name of an old dotted key (or of the section it lies in), None if it never moved."""
+    for old, new in RENAMED.items():
+        if key == old or key.startswith(old + "."):
+            tail = key[len(old):]
+            return new if " " in new else new + tail
+    return None
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(Section):
+    workspace: Path  # every local store lives under here
+    deploy: Path  # live servers, their logs, deploy reports
+    monitor: Path  # alert and retrain memory, the monitored version's model
+
+    @field_validator("workspace", "deploy", "monitor")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = Field(min_length=1)
+    artifact_location: str | None = None
+    experiment: str = Field(min_length=1)
+    monitor_experiment: str = Field(min_length=1)
+    registered_model: str = Field(min_length=1)
+    candidate_alias: str = Field(min_length=1)
+    approved_alias: str = Field(min_length=1)
+    production_alias: str = Field(min_length=1)
+    previous_alias: str = Field(min_length=1)
+
+
+class DvcConfig(Section):
+    repo: Path
+    remote: str = Field(min_length=1)
+
+
+class RecordsConfig(Section):
+    """What model servers record and the monitor reads."""
+
+    dir: Path
+    max_mb: float = Field(gt=0.0)
+    max_age_days: float = Field(gt=0.0)
+
+
+class SloConfig(Section):
+    """The service level a served version must hold: tested before release, watched after."""
+
+    max_p95_latency_ms: float = Field(gt=0.0)
+
+
+class ChainConfig(Section):
+    after_build: str | None = Field(default=None, pattern=DEPLOYMENT)
+    after_validate: str | None = Field(default=None, pattern=DEPLOYMENT)
+
+
+class CommonConfig(Section):
+    """The part of `conf/base.yaml` every flow reads."""
+
+    environment: str = Field(min_length=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(ge=0)
+    paths: PathsConfig
+    mlflow: MlflowConfig
+    dvc: DvcConfig
+    records: RecordsConfig
+    slo: SloConfig
+    chain: ChainConfig
+
+
+def secret(variable: str | None) -> str | None:
+    """The value of the environment variable a config names for a secret (None when it names none).
+
+    Raises ValueError when the variable is named but unset or empty.
+    """
+    if variable is None:
+        return None
+    value = os.environ.get(variable)
+    if not value:
+        raise ValueError(f"environment variable {variable} is not set or empty")
+    return value
+
+
+class ConfigError(ValueError):
+    """A config that does not match the schema; `problems` are 'dotted.path: message' lines."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def validate_config(raw: dict[str, Any], schema: type[Section]) -> Any:
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError([_describe(e) for e in error.errors()]) from None
+
+
+def _describe(error: Any) -> str:
+    path = ".".join(str(part) for part in error["loc"]) or "<root>"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden" and renamed(path):
+        message = f"renamed to {renamed(path)}"
+    elif error["type"] not in ("missing", "extra_forbidden") and "input" in error:
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}"

@@ -1,0 +1,94 @@
+"""The monitor flow's schema: the window, the bounds per section, alerts and retraining."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from mlops.config.common import DEPLOYMENT, DURATION, ENV_NAME, CommonConfig, Section
+
+MonitorSection = Literal["integrity", "drift", "performance", "telemetry", "bias"]
+
+
+class IntegrityRules(Section):
+    min_width: int = Field(ge=1)
+    max_width: int = Field(ge=1)
+    min_height: int = Field(ge=1)
+    max_height: int = Field(ge=1)
+    allowed_content_types: list[str] = Field(min_length=1)
+    max_rejected_share: float = Field(ge=0.0, le=1.0)
+
+
+class FeatureDriftRule(Section):
+    algorithm: Literal["ks", "hellinger", "chi-square"]
+    threshold: float = Field(gt=0.0, le=1.0)
+
+
+class DriftRules(Section):
+    min_requests: int = Field(ge=1)
+    default_algorithm: Literal["ks", "hellinger"]
+    default_threshold: float = Field(gt=0.0, le=1.0)
+    features: dict[str, FeatureDriftRule]
+    max_drift_share: float = Field(ge=0.0, le=1.0)
+
+    @field_validator("features")
+    @classmethod
+    def _known_features(cls, value: dict[str, FeatureDriftRule]) -> dict[str, FeatureDriftRule]:
+        from mlops.serve.features import FEATURES
+
+        known = {*FEATURES, "prediction", "confidence"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown features {unknown}; known: {sorted(known)}")
+        return value
+
+
+class PerformanceRules(Section):
+    min_labels: int = Field(ge=1)
+    min_accuracy: float = Field(ge=0.0, le=1.0)
+    min_macro_precision: float = Field(ge=0.0, le=1.0)
+    min_macro_recall: float = Field(ge=0.0, le=1.0)
+
+
+class TelemetryRules(Section):
+    max_error_rate: float = Field(ge=0.0, le=1.0)
+    min_request_rate_per_min: float = Field(ge=0.0)
+
+
+class BiasRules(Section):
+    max_recall_gap: float = Field(ge=0.0, le=1.0)
+    max_prediction_shift: float = Field(ge=0.0, le=1.0)
+
+
+class AlertPolicy(Section):
+    sections: list[MonitorSection]
+    sinks: list[Literal["log", "webhook", "slack"]]
+    webhook_url_env: str = Field(pattern=ENV_NAME)
+    slack_url_env: str = Field(pattern=ENV_NAME)
+    quiet_period: str = Field(pattern=DURATION)
+    report_base_url: str | None = None
+
+
+class RetrainPolicy(Section):
+    sections: list[MonitorSection]
+    mode: Literal["deployment", "in_process", "auto"]
+    deployment: str = Field(pattern=DEPLOYMENT)
+    overrides: list[str]
+    cooldown: str = Field(pattern=DURATION)
+
+
+class MonitorSettings(Section):
+    window: str = Field(pattern=DURATION)
+    version: int | None = Field(default=None, ge=1)
+    integrity: IntegrityRules
+    drift: DriftRules
+    performance: PerformanceRules
+    telemetry: TelemetryRules
+    bias: BiasRules
+    alerts: AlertPolicy
+    retrain: RetrainPolicy
+
+
+class MonitorConfig(CommonConfig):
+    monitor: MonitorSettings

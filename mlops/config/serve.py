@@ -1,0 +1,36 @@
+"""The model server's settings: the `serve` section the deploy flow hands to every server it starts.
+
+`conf/serve/default.yaml` is the one place their values are written; a server started by hand
+reads that file, a server started by the deploy flow gets the composed section as JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field
+
+from mlops.config.common import ENV_NAME, Section
+
+DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "serve" / "default.yaml"
+
+
+class ServeConfig(Section):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    token_env: str | None = Field(default=None, pattern=ENV_NAME)
+    max_body_mb: float = Field(gt=0.0)
+    max_pixels: int = Field(ge=1)
+    max_batch_images: int = Field(ge=1)
+    batch_max_size: int = Field(ge=1, le=1024)
+    batch_max_wait_ms: float = Field(ge=0.0, le=1000.0)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+
+def default_serve_config() -> ServeConfig:
+    """The settings in `conf/serve/default.yaml`, for a server started without a settings file."""
+    return ServeConfig.model_validate(yaml.safe_load(DEFAULTS_FILE.read_text()))

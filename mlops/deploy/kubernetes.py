@@ -1,0 +1,75 @@
+"""Kubernetes: the model server of a version as a Deployment and a Service (rendered, not applied)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mlops.config import DeployConfig
+from mlops.deploy.processes import server_command
+
+
+def render_manifests(config: DeployConfig, version: str) -> list[dict]:
+    """A Deployment and a Service for the model server of `version`, from `deploy.kubernetes`."""
+    k8s, serve = config.deploy.kubernetes, config.serve
+    name = f"{config.mlflow.registered_model}-server"
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "mlops-flows", "mlops/environment": config.environment}
+    in_pod = serve.model_copy(update={"host": "0.0.0.0", "port": 8000})
+    records = config.records.model_copy(update={"dir": Path("/var/lib/mlops/records")})
+    command = server_command(in_pod, records, "$(MLFLOW_TRACKING_URI)", config.mlflow.registered_model, version)
+    command[0] = "python"
+    env = [{"name": "MLFLOW_TRACKING_URI", "value": config.mlflow.tracking_uri}]
+    if serve.token_env:
+        env.append({
+            "name": serve.token_env,
+            "valueFrom": {"secretKeyRef": {"name": k8s.token_secret, "key": "token"}},
+        })
+    probe = {"httpGet": {"port": "http"}, "periodSeconds": 10, "timeoutSeconds": 2}
+    container = {
+        "name": "model-server",
+        "image": k8s.image,
+        "command": command,
+        "ports": [{"name": "http", "containerPort": 8000}],
+        "env": env,
+        "readinessProbe": probe | {"httpGet": {"path": "/ready", "port": "http"}, "initialDelaySeconds": 5},
+        "livenessProbe": probe | {"httpGet": {"path": "/health", "port": "http"}, "initialDelaySeconds": 15},
+        "resources": {
+            "requests": {"cpu": k8s.cpu_request, "memory": k8s.memory_request},
+            "limits": {"cpu": k8s.cpu_limit, "memory": k8s.memory_limit},
+        },
+        "volumeMounts": [{"name": "records", "mountPath": "/var/lib/mlops/records"}],
+    }
+    metadata = {"name": name, "namespace": k8s.namespace, "labels": labels}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata | {"annotations": {"mlops/model-version": version}},
+        "spec": {
+            "replicas": k8s.replicas,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "8000"}},
+                "spec": {"containers": [container], "volumes": [{"name": "records", "emptyDir": {}}]},
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+    }
+    return [deployment, service]
+
+
+class _PlainDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:  # no &anchors: manifests read as written
+        return True
+
+
+def write_manifests(documents: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.dump_all(documents, Dumper=_PlainDumper, sort_keys=False))
+    return path

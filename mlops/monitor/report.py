@@ -1,0 +1,156 @@
+"""The monitor's report: the checks of every section over a window, as markdown and as a
+self-contained HTML page with plots. `judge` assembles it from the window's facts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+from mlops.checks import Report
+from mlops.config import MonitorSettings
+from mlops.monitor.checks import bias_checks, class_shares, drift_checks, integrity_checks, performance_checks, telemetry_checks
+from mlops.monitor.profiling import FeatureDrift, Reference
+from mlops.monitor.window import Traffic
+
+DRIFT_HEADER = ("feature", "algorithm", "score", "drift if", "drift")
+
+
+@dataclass(kw_only=True)
+class MonitorReport(Report):
+    version: str
+    start: datetime
+    end: datetime
+    requests: int
+    feature_drift: list[FeatureDrift] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def outcome(self) -> str:
+        if self.requests == 0:
+            return "no traffic"
+        return "breach" if self.breaches else "healthy"
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {
+            "version": self.version, "start": self.start.isoformat(), "end": self.end.isoformat(),
+            "requests": self.requests, "outcome": self.outcome, "unreadable": self.unreadable,
+            "feature_drift": [asdict(d) for d in self.feature_drift],
+        }
+
+    def to_markdown(self) -> str:
+        head = (f"**Monitor: {self.outcome.upper()}** — version {self.version}, {self.requests} requests"
+                f" from {self.start:%Y-%m-%d %H:%M} to {self.end:%Y-%m-%d %H:%M} UTC\n")
+        if self.unreadable:
+            head += f"\n{len(self.unreadable)} unreadable record lines or files skipped (left in place).\n"
+        body = super().to_markdown() if self.sections else ""
+        if self.feature_drift:
+            rows = "\n".join("| " + " | ".join(_drift_cells(d)) + " |" for d in self.feature_drift)
+            body += (f"\n### drift per feature\n\n| {' | '.join(DRIFT_HEADER)} |\n|" + "---|" * len(DRIFT_HEADER)
+                     + f"\n{rows}\n")
+        return head + body
+
+
+def judge(
+    traffic: Traffic,
+    reference: Reference | None,
+    classes: list[str],
+    metrics_text: str | None,
+    settings: MonitorSettings,
+    max_p95_latency_ms: float,
+) -> MonitorReport:
+    """Every section's checks over the window (none when it had no traffic)."""
+    report = MonitorReport(version=traffic.version, start=traffic.start, end=traffic.end,
+                           requests=traffic.requests, unreadable=traffic.unreadable)
+    if traffic.requests == 0:
+        return report
+    drift, report.feature_drift = drift_checks(traffic, reference, settings)
+    report.sections = {
+        "integrity": integrity_checks(traffic, settings),
+        "drift": drift,
+        "performance": performance_checks(traffic, classes, settings),
+        "telemetry": telemetry_checks(traffic, metrics_text, settings, max_p95_latency_ms),
+        "bias": bias_checks(traffic, reference, classes, settings),
+    }
+    return report
+
+
+def _drift_cells(d: FeatureDrift) -> list[str]:
+    bound = f"{'>' if d.algorithm == 'hellinger' else '<'} {d.threshold:g}"
+    return [d.feature, d.algorithm, f"{d.score:.4g}", bound, "DRIFT" if d.drifted else "no"]
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | None, classes: list[str]) -> str:
+    """A self-contained page: the checks, reference-vs-current plots of drifted features and
+    of predicted-class shares, and requests, latency and confidence over the window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = []
+    drifted = [d.feature for d in report.feature_drift if d.drifted]
+    if reference is not None and len(traffic.served):
+        for feature in [f for f in drifted if f != "prediction"]:
+            fig, ax = plt.subplots(figsize=(5, 3))
+            ax.hist(reference.values[feature], bins=30, alpha=0.5, density=True, label="reference")
+            ax.hist(traffic.served[feature].astype(float), bins=30, alpha=0.5, density=True, label="current")
+            ax.set_title(f"{feature} (drifted)")
+            ax.legend()
+            images.append((f"{feature}: reference vs current", _png(fig)))
+        fig, ax = plt.subplots(figsize=(6, 3))
+        now, then = class_shares(traffic.served["prediction"], classes), class_shares(reference.values["prediction"], classes)
+        x = np.arange(len(classes))
+        ax.bar(x - 0.2, [then[c] for c in classes], 0.4, label="reference")
+        ax.bar(x + 0.2, [now[c] for c in classes], 0.4, label="current")
+        ax.set_xticks(x, classes)
+        ax.set_title("predicted-class shares")
+        ax.legend()
+        images.append(("predicted-class shares", _png(fig)))
+    if len(traffic.served):
+        frame = traffic.served.assign(time=pd.to_datetime(traffic.served["time"], format="ISO8601")).set_index("time").sort_index()
+        span = (traffic.end - traffic.start).total_seconds()
+        rule = "1min" if span <= 3 * 3600 else "15min" if span <= 2 * 86400 else "1h"
+        grouped = frame.resample(rule)
+        fig, axes = plt.subplots(3, 1, figsize=(7, 6), sharex=True)
+        grouped.size().plot(ax=axes[0], title=f"requests per {rule}")
+        grouped["latency_ms"].median().plot(ax=axes[1], title="median latency (ms)")
+        grouped["confidence"].mean().plot(ax=axes[2], title="mean confidence")
+        images.append(("over the window", _png(fig)))
+
+    sections = report.to_html()
+    if report.feature_drift:
+        rows = "".join(
+            f"<tr class='{'fail' if d.drifted else 'pass'}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in _drift_cells(d)) + "</tr>"
+            for d in report.feature_drift
+        )
+        head = "".join(f"<th>{h}</th>" for h in DRIFT_HEADER)
+        sections += f"<h3>drift per feature</h3><table><tr>{head}</tr>{rows}</table>"
+    plots = "".join(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{html.escape(title)}</figcaption></figure>" for title, data in images)
+    unreadable = "".join(f"<li>{html.escape(u)}</li>" for u in report.unreadable)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Monitor report v{report.version}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+tr.fail td{{background:#fdd}}tr.skipped td{{color:#888}}figure{{display:inline-block;margin:1em}}</style></head><body>
+<h1>Monitor report: {report.outcome}</h1>
+<p>Model version {report.version}; {report.requests} requests from {report.start:%Y-%m-%d %H:%M:%S} to {report.end:%Y-%m-%d %H:%M:%S} UTC.</p>
+{sections}<h2>plots</h2>{plots or '<p>no traffic to plot</p>'}
+{f'<h2>unreadable records (skipped, left in place)</h2><ul>{unreadable}</ul>' if unreadable else ''}
+</body></html>"""
+
+

@@ -1,0 +1,55 @@
+"""The retraining rule: whether a monitor run starts the build flow, and how.
+
+`retrain_policy` is a pure function from facts (the window's breaches, when retraining last
+started, whether the build deployment exists) to a `RetrainDecision`; the monitor flow carries
+it out. One breach starts one build: later runs inside the cool-down only say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+
+class RetrainKind(StrEnum):
+    NONE = "none"  # no breach in the retraining sections
+    COOLDOWN = "cooldown"  # wanted, but retraining started less than `cooldown` ago
+    DEPLOYMENT = "deployment"  # start a run of the build deployment
+    IN_PROCESS = "in_process"  # run the build flow in this process
+    MISSING_DEPLOYMENT = "missing_deployment"  # mode: deployment, and it does not exist
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    kind: RetrainKind
+    reasons: tuple[str, ...] = ()  # the breached checks, "section.check"
+    note: str = ""
+
+    @property
+    def starts(self) -> bool:
+        return self.kind in (RetrainKind.DEPLOYMENT, RetrainKind.IN_PROCESS)
+
+
+def retrain_policy(
+    breaches: list[str],
+    sections: list[str],
+    mode: str,
+    cooldown: timedelta,
+    last_started: datetime | None,
+    now: datetime,
+    deployment_exists: bool,
+) -> RetrainDecision:
+    """`breaches` are "section.check" names; `mode` is deployment | in_process | auto."""
+    reasons = tuple(sorted({b for b in breaches if b.split(".", 1)[0] in sections}))
+    if not reasons:
+        return RetrainDecision(RetrainKind.NONE, note="no breach in the retraining sections")
+    if last_started is not None and now - last_started < cooldown:
+        return RetrainDecision(RetrainKind.COOLDOWN, reasons, f"in cool-down since {last_started.isoformat()}")
+    if mode == "in_process":
+        return RetrainDecision(RetrainKind.IN_PROCESS, reasons, "monitor.retrain.mode: in_process")
+    if deployment_exists:
+        return RetrainDecision(RetrainKind.DEPLOYMENT, reasons, f"monitor.retrain.mode: {mode}")
+    if mode == "deployment":
+        return RetrainDecision(RetrainKind.MISSING_DEPLOYMENT, reasons, "monitor.retrain.deployment does not exist")
+    return RetrainDecision(RetrainKind.IN_PROCESS, reasons, "mode auto and no build deployment: in-process")

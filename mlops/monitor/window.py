@@ -1,0 +1,56 @@
+"""The window the monitor judges: what the server recorded for one version between two times."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pandas as pd
+
+from mlops.serve.records import read_window
+
+
+def parse_duration(text: str) -> timedelta:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text.strip())
+    if not match:
+        raise ValueError(f"'{text}' is not a duration like 30m, 1h, 24h or 7d")
+    value, unit = float(match[1]), match[2]
+    return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]: value})
+
+
+@dataclass
+class Traffic:
+    start: datetime
+    end: datetime
+    version: str
+    served: pd.DataFrame  # answered requests: features, prediction, confidence, latency_ms, time
+    rejected: pd.DataFrame  # rejected requests: error kind, content type
+    labels: dict[str, str]  # request id -> true label (feedback)
+    unreadable: list[str]
+
+    @property
+    def requests(self) -> int:
+        return len(self.served) + len(self.rejected)
+
+
+def load_traffic(records_dir: Path, version: str, start: datetime, end: datetime) -> Traffic:
+    requests = read_window(records_dir, "requests", start, end)
+    feedback = read_window(records_dir, "feedback", start - timedelta(days=7), end)
+    frame = pd.DataFrame([r for r in requests.records if str(r.get("model_version")) == version])
+    if frame.empty:
+        frame = pd.DataFrame(columns=["status", "request_id", "time"])
+    served = frame[frame["status"] == "ok"].reset_index(drop=True)
+    rejected = frame[frame["status"] != "ok"].reset_index(drop=True)
+    labels = {r["request_id"]: r["label"] for r in feedback.records if "request_id" in r and "label" in r}
+    return Traffic(start, end, version, served, rejected, labels, requests.unreadable + feedback.unreadable)
+
+
+def scrape(url: str) -> str | None:
+    try:
+        answer = httpx.get(url, timeout=5)
+        return answer.text if answer.status_code == 200 else None
+    except httpx.TransportError:
+        return None

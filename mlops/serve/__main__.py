@@ -1,0 +1,3 @@
+from mlops.serve.server import main
+
+main()
