@@ -33,6 +33,16 @@ def check_renamed(overrides: list[str]) -> None:
         raise ConfigError(problems)
 
 
+def overrides_for(config_name: str, overrides: list[str]) -> list[str]:
+    """The overrides that concern flow `config_name`: those whose top-level key its schema has.
+
+    For a run that starts other flows (the demo, the monitor's retraining build), so that
+    `model=...` reaches the build and `monitor.window=...` the monitor, and `paths.*` both.
+    """
+    fields = SCHEMAS[config_name].model_fields
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] in fields]
+
+
 def load_config(config_name: str, env: str, overrides: list[str]):
     """Compose `conf/<config_name>.yaml` with `env=<env>` and `overrides`, then validate it."""
     check_renamed(overrides)

@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.build import build
-from flows.config import load_config
+from flows.config import load_config, overrides_for
 from flows.deploy import deploy
 from flows.monitor import monitor
 from mlops import traffic
@@ -64,10 +64,14 @@ def demo(
     root = Path(workspace).resolve()
     os.environ.update(production_variables(root))
     common = [f"paths.workspace={root}", *(overrides or [])]
-    test, production = [*common, f"serve.port={test_port}"], [*common, f"serve.port={port}"]
+    unknown = [o for o in common if not any(o in overrides_for(flow, common) for flow in ("build", "deploy", "monitor"))]
+    if unknown:
+        raise ValueError(f"overrides that no flow has a key for: {unknown}")
+    test = [*overrides_for("deploy", common), f"serve.port={test_port}"]
+    production = [*overrides_for("deploy", common), f"serve.port={port}"]
     summary: dict[str, object] = {}
     try:
-        first = build(env="test", overrides=[*common, "train.progress_bar=false"])
+        first = build(env="test", overrides=[*overrides_for("build", common), "train.progress_bar=false"])
         summary["build"] = f"version {first.version} (data {first.data_version})"
         summary["deploy test"] = f"version {deploy(env='test', overrides=test).version} approved"
         released = deploy(env="production", overrides=production)
@@ -83,7 +87,7 @@ def demo(
         summary["traffic"] = f"{clean.summary()} | drifted: {drifted.summary()}"
         time.sleep(1.5)  # the server flushes its records every second
 
-        watched = monitor(env="production", overrides=[*common, "monitor.window=30m"])
+        watched = monitor(env="production", overrides=[*overrides_for("monitor", common), "monitor.window=30m"])
         summary["monitor"] = f"{watched.outcome}: {', '.join(watched.breaches) or 'no breach'}; report {watched.report}"
         summary["alerts"] = ", ".join(watched.alerts_sent) or "none"
         retrained = watched.retrain

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.chain import deployment_exists, start_deployment
-from flows.config import load_config, run_cli
+from flows.config import load_config, overrides_for, run_cli
 from mlops.config import MonitorConfig
 from mlops.deploy import processes
 from mlops.monitor import alerts, memory, report, retrain, window
@@ -133,7 +133,8 @@ def send_alerts(config: MonitorConfig, judged: report.MonitorReport, location: s
 def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, monitor_run_id: str, overrides: list[str]) -> Retraining:
     """Start the build flow once per breach (cool-down), through its deployment or in-process.
 
-    The build gets this run's own overrides (same stores), then `monitor.retrain.overrides`.
+    The build gets this run's overrides that concern it (the same stores), then
+    `monitor.retrain.overrides`.
     """
     logger, policy = get_run_logger(), config.monitor.retrain
     state_path, now = config.paths.monitor / "retrain.json", datetime.now(UTC)
@@ -152,7 +153,7 @@ def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, monitor_
             logger.info("retraining wanted (%s) but %s", ", ".join(decision.reasons), decision.note)
         return result
     trigger = f"monitor/{flow_run.get_id() or monitor_run_id}"
-    build_overrides = [*overrides, *policy.overrides, f"trigger={trigger}"]
+    build_overrides = [*overrides_for("build", overrides), *policy.overrides, f"trigger={trigger}"]
     if decision.kind is retrain.RetrainKind.DEPLOYMENT:
         result.started = start_deployment(policy.deployment, {"env": config.environment, "overrides": build_overrides})
     else:

@@ -58,6 +58,7 @@ class Report:
     """Checks in named sections; it passes when no check failed (skipped checks do not fail)."""
 
     sections: dict[str, list[Check]] = field(default_factory=dict)
+    title: str = ""  # "Gate": the markdown starts with **Gate: PASSED** or **Gate: FAILED**
 
     @property
     def checks(self) -> list[Check]:
@@ -83,7 +84,8 @@ class Report:
 
     def to_markdown(self) -> str:
         titled = len(self.sections) > 1
-        return "\n".join(
+        head = f"**{self.title}: {'PASSED' if self.passed else 'FAILED'}**\n\n" if self.title else ""
+        return head + "\n".join(
             (f"\n### {section}\n\n" if titled else "") + markdown_table(checks) for section, checks in self.sections.items()
         )
 

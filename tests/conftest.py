@@ -19,6 +19,32 @@ def prefect_api():
         yield
 
 
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, prefect_api):
+    """One real build on the embedded data (env=test) for the whole test run: (workspace, result).
+
+    Tests that change what is stored work on a copy (`copy_built`), never on this workspace.
+    """
+    from flows.build import build
+
+    workspace = tmp_path_factory.mktemp("built")
+    state = build(env="test", overrides=[f"paths.workspace={workspace}", "train.progress_bar=false"], return_state=True)
+    assert state.is_completed(), state.message
+    return workspace, state.result()
+
+
+def copy_built(built, dest: Path) -> Path:
+    """A workspace holding the shared build: its MLflow database, DVC project and runs.
+
+    The copy's MLflow artifact root and DVC remote stay the original's (absolute paths in the
+    stores); both are keyed by run id or content hash, so copies never overwrite each other.
+    """
+    import shutil
+
+    shutil.copytree(built[0], dest, symlinks=True)
+    return dest
+
+
 def write_image(path: Path, size: tuple[int, int] = (16, 16), mode: str = "RGB", seed: int = 0) -> Path:
     """A small random image of `mode`, saved with the format its suffix names."""
     rng = np.random.default_rng(seed)

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import copy_built
 from mlflow import MlflowClient
 
 from flows.build import build
-from mlops import evaluation, registry
-from mlops.data import load_prepared
-from mlops.inference import OnnxClassifier
+from mlops.data.ingest import load_prepared
+from mlops.data.layout import dataset_dir
+from mlops.serve.inference import OnnxClassifier
+from mlops.train import evaluation
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -19,8 +21,8 @@ MODEL = "image-classifier"
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("workspace")
+def workspace(built, tmp_path_factory) -> Path:
+    return copy_built(built, tmp_path_factory.mktemp("build-ws") / "ws")
 
 
 def client_for(workspace: Path) -> MlflowClient:
@@ -37,10 +39,8 @@ def gate_report(client: MlflowClient, run_id: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first_build(workspace):
-    state = run_build(workspace)
-    assert state.is_completed(), state.message
-    return state.result()
+def first_build(built):
+    return built[1]
 
 
 def test_build_registers_a_candidate_with_its_lineage(first_build, workspace):
@@ -66,7 +66,7 @@ def test_build_registers_a_candidate_with_its_lineage(first_build, workspace):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "data", "evaluation", "gate", "model", "weights"} <= artifacts
     resolved = Path(client.download_artifacts(run.info.run_id, "config/resolved.yaml")).read_text()
-    assert "max_epochs: 3" in resolved and str(workspace) in resolved
+    assert "max_epochs: 3" in resolved and "environment: test" in resolved
     assert gate_report(client, run.info.run_id)["checks"][-1]["verdict"] == "skipped"
 
 
@@ -94,7 +94,7 @@ def test_second_identical_build_reuses_the_trained_model(first_build, workspace)
 
 def test_impossible_threshold_fails_the_flow_without_candidate(first_build, workspace):
     client = client_for(workspace)
-    state = run_build(workspace, "thresholds.max_p95_latency_ms=0.0001", "train.learning_rate=0.002")
+    state = run_build(workspace, "gate.max_p95_latency_ms=0.0001", "train.learning_rate=0.002")
     assert state.is_failed()
     assert "p95_latency_ms" in state.message
     failed = client.search_runs(
@@ -110,7 +110,7 @@ def test_gate_compares_with_the_production_model_on_the_same_split(first_build, 
     client = client_for(workspace)
     client.set_registered_model_alias(MODEL, "production", first_build.version)
     state = run_build(
-        workspace, "train.learning_rate=0.003", "thresholds.max_accuracy_drop=0.5", "thresholds.max_macro_f1_drop=0.5",
+        workspace, "train.learning_rate=0.003", "gate.max_accuracy_drop=0.5", "gate.max_macro_f1_drop=0.5",
         "train.num_workers=1",  # data loader worker processes inside a Prefect task
     )
     assert state.is_completed(), state.message
@@ -118,8 +118,8 @@ def test_gate_compares_with_the_production_model_on_the_same_split(first_build, 
     checks = {c["name"]: c for c in gate_report(client, result.run_id)["checks"]}
 
     # evaluate production independently on the test split of the same data version
-    prepared = load_prepared(workspace / "dvc" / "datasets" / "digits")
-    onnx_path = registry.download_model(client, first_build.run_id, workspace / "check")
+    prepared = load_prepared(dataset_dir(workspace / "dvc", "digits"))
+    onnx_path = Path(client.download_artifacts(first_build.run_id, "model/model.onnx", str(workspace / "check")))
     production = evaluation.evaluate(OnnxClassifier(onnx_path), prepared.files("test"), 1)
     assert checks["accuracy_vs_production"]["bound"] == pytest.approx(production.accuracy - 0.5, abs=1e-6)
     assert checks["accuracy_vs_production"]["verdict"] == "pass"
@@ -130,15 +130,15 @@ def test_gate_compares_with_the_production_model_on_the_same_split(first_build, 
 
 
 def test_pinned_data_version_reproduces_the_dataset(first_build, workspace):
-    state = run_build(workspace, "data.max_per_class=20")  # a new data version
-    assert state.is_failed()  # v1 in production beats a model trained on half the data
-    assert "accuracy_vs_production" in state.message
-    assert load_prepared(workspace / "dvc" / "datasets" / "digits").counts["test"]["0"] == 3
+    # a new data version, gated to fail: only the data it versioned is looked at here
+    state = run_build(workspace, "data.max_per_class=20", "gate.min_accuracy=1.0", "gate.max_accuracy_drop=0.0")
+    assert state.is_failed() and "accuracy" in state.message
+    assert load_prepared(dataset_dir(workspace / "dvc", "digits")).counts["test"]["0"] == 3
 
     pinned = run_build(workspace, f"data.version={first_build.data_version}")
     assert pinned.is_completed(), pinned.message
     result = pinned.result()
     assert result.data_version == first_build.data_version
     assert result.reused_run_id == first_build.run_id  # same data, config and code: same model
-    prepared = load_prepared(workspace / "dvc" / "datasets" / "digits")
+    prepared = load_prepared(dataset_dir(workspace / "dvc", "digits"))
     assert sum(prepared.counts["test"].values()) == 60

@@ -7,7 +7,7 @@ import pytest
 from conftest import write_image
 
 from mlops.config import DataConfig
-from mlops.data import DataError, load_prepared, materialize_digits, prepare_dataset
+from mlops.data.ingest import DataError, load_prepared, materialize_digits, prepare_dataset
 
 
 def data_config(path: Path, **changes) -> DataConfig:

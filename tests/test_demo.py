@@ -8,13 +8,13 @@ import psutil
 import pytest
 
 from flows.demo import demo
-from mlops import deployment
+from mlops.deploy import processes as deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
 LOOSE = [
-    "train.max_epochs=2", "data.max_per_class=40", "thresholds.min_accuracy=0.3", "thresholds.min_class_recall=0.0",
-    "thresholds.max_recall_gap=1.0", "thresholds.max_accuracy_drop=1.0", "thresholds.max_macro_f1_drop=1.0",
+    "train.max_epochs=2", "data.max_per_class=40", "gate.min_accuracy=0.3", "gate.min_class_recall=0.0",
+    "gate.max_recall_gap=1.0", "gate.max_accuracy_drop=1.0", "gate.max_macro_f1_drop=1.0",
 ]
 
 

@@ -9,11 +9,13 @@ import threading
 import httpx
 import psutil
 import pytest
+from conftest import copy_built
 from mlflow import MlflowClient
 
 from flows.build import build
 from flows.deploy import deploy
-from mlops import deployment
+from mlops.data.layout import dataset_dir
+from mlops.deploy import processes as deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -22,10 +24,10 @@ TOKEN = "test-token-123"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """A workspace with two built versions, production settings in the environment, free ports;
+def stack(built, tmp_path_factory):
+    """A copy of the shared build's workspace, production settings in the environment, free ports;
     every server started under it is stopped afterwards, also when a test fails."""
-    workspace = tmp_path_factory.mktemp("deploy-ws")
+    workspace = copy_built(built, tmp_path_factory.mktemp("deploy-ws") / "ws")
     saved = dict(os.environ)
     os.environ |= {
         "MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db",
@@ -40,18 +42,19 @@ def stack(tmp_path_factory):
         os.environ.clear()
         os.environ.update(saved)
         for process in psutil.process_iter(["pid", "cmdline"]):
-            if "mlops.serving" in " ".join(process.info["cmdline"] or []) and str(workspace) in " ".join(process.info["cmdline"]):
+            if "mlops.serve" in " ".join(process.info["cmdline"] or []) and str(workspace) in " ".join(process.info["cmdline"]):
                 deployment.stop_server(process.info["pid"])
 
 
-def common(stack) -> list[str]:
-    workspace, _ = stack
-    return [f"paths.workspace={workspace}", "train.progress_bar=false"]
+def run_build(stack, *overrides: str):
+    return build(env="test", overrides=[f"paths.workspace={stack[0]}", "train.progress_bar=false", *overrides],
+                 return_state=True)
 
 
 def run_deploy(stack, env: str, *overrides: str):
-    _, ports = stack
-    return deploy(env=env, overrides=[*common(stack), f"serve.port={ports[env]}", *overrides], return_state=True)
+    workspace, ports = stack
+    return deploy(env=env, overrides=[f"paths.workspace={workspace}", f"serve.port={ports[env]}", *overrides],
+                  return_state=True)
 
 
 def client(stack) -> MlflowClient:
@@ -69,14 +72,12 @@ def production_url(stack) -> str:
 
 
 def predict(stack, token: str | None = TOKEN) -> httpx.Response:
-    image = next((stack[0] / "dvc" / "datasets" / "digits" / "test" / "7").iterdir())
+    image = next((dataset_dir(stack[0] / "dvc", "digits") / "test" / "7").iterdir())
     headers = {"content-type": "image/png"} | ({"authorization": f"Bearer {token}"} if token else {})
     return httpx.post(production_url(stack) + "/predict", content=image.read_bytes(), headers=headers, timeout=10)
 
 
 def test_validate_in_test_approves_the_candidate(stack):
-    state = build(env="test", overrides=common(stack), return_state=True)
-    assert state.is_completed(), state.message
     state = run_deploy(stack, "test")
     assert state.is_completed(), state.message
     assert alias(stack, "approved") == "1"
@@ -88,7 +89,7 @@ def test_validate_in_test_approves_the_candidate(stack):
 
 
 def test_failing_application_tests_do_not_approve(stack):
-    state = run_deploy(stack, "test", "thresholds.application.max_p95_latency_ms=0.001")
+    state = run_deploy(stack, "test", "slo.max_p95_latency_ms=0.001")
     assert state.is_failed() and "app_p95_latency_ms" in state.message
     assert alias(stack, "approved") == "1"  # unchanged
 
@@ -105,8 +106,7 @@ def test_release_to_production_serves_with_a_token(stack):
 
 
 def test_blue_green_release_keeps_serving_then_rollback(stack):
-    state = build(env="test", overrides=[*common(stack), "train.learning_rate=0.002",
-                                         "thresholds.max_accuracy_drop=1.0", "thresholds.max_macro_f1_drop=1.0"], return_state=True)
+    state = run_build(stack, "train.learning_rate=0.002", "gate.max_accuracy_drop=1.0", "gate.max_macro_f1_drop=1.0")
     assert state.is_completed(), state.message
     assert run_deploy(stack, "test").is_completed()
     assert alias(stack, "approved") == "2"
@@ -144,10 +144,13 @@ def test_blue_green_release_keeps_serving_then_rollback(stack):
     state = run_deploy(stack, "production", "action=rollback")
     assert state.is_completed(), state.message
     assert predict(stack).json()["model"]["version"] == "1"
-    assert (alias(stack, "production"), alias(stack, "previous")) == ("1", "2")
-    assert alias(stack, "approved") is None  # v2 must pass the test environment again
-    servers = [p for p in psutil.process_iter(["cmdline"]) if "mlops.serving" in " ".join(p.info["cmdline"] or [])
-               and f"--port {stack[1]['production']}" in " ".join(p.info["cmdline"])]
+    # nothing was released before v1: no previous, and v2 must pass the test environment again
+    assert (alias(stack, "production"), alias(stack, "previous"), alias(stack, "approved")) == ("1", None, None)
+    again = run_deploy(stack, "production", "action=rollback")  # never forward to the unapproved v2
+    assert again.is_failed() and "no 'previous' version" in again.message
+    assert predict(stack).json()["model"]["version"] == "1"
+    servers = [p for p in psutil.process_iter(["cmdline"]) if "mlops.serve" in " ".join(p.info["cmdline"] or [])
+               and f'"port":{stack[1]["production"]}' in " ".join(p.info["cmdline"])]
     assert len(servers) == 1  # the replaced server is gone
 
 

@@ -10,9 +10,10 @@ import pytest
 from conftest import LiveApp, write_image
 
 from flows.config import load_config
-from mlops import deployment
-from mlops.inference import OnnxClassifier
-from mlops.serving import ServedModel, create_app
+from mlops.config.serve import default_serve_config
+from mlops.deploy import app_tests, kubernetes, processes
+from mlops.serve.app import ServedModel, create_app
+from mlops.serve.inference import OnnxClassifier
 
 
 @pytest.fixture
@@ -26,14 +27,14 @@ def production(monkeypatch, tmp_path):
 
 
 def test_manifests_are_valid_kubernetes_and_carry_the_config(production, tmp_path):
-    documents = deployment.render_manifests(production, "12")
+    documents = kubernetes.render_manifests(production, "12")
     for document in documents:
         kubernetes_validate.validate(document, "1.31", strict=True)
-    path = deployment.write_manifests(documents, tmp_path / "k8s" / "model-server.yaml")
+    path = kubernetes.write_manifests(documents, tmp_path / "k8s" / "model-server.yaml")
     assert "&id" not in path.read_text()
 
-    deployment_doc, service = documents
-    spec = deployment_doc["spec"]
+    manifest, service = documents
+    spec = manifest["spec"]
     container = spec["template"]["spec"]["containers"][0]
     assert spec["replicas"] == 3
     assert spec["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"] == service["spec"]["selector"]
@@ -48,7 +49,7 @@ def test_manifests_are_valid_kubernetes_and_carry_the_config(production, tmp_pat
 
 
 def test_an_invalid_manifest_is_caught_by_the_validator(production):
-    document = deployment.render_manifests(production, "1")[0]
+    document = kubernetes.render_manifests(production, "1")[0]
     document["spec"]["replicas"] = "three"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(document, "1.31", strict=True)
@@ -57,8 +58,8 @@ def test_an_invalid_manifest_is_caught_by_the_validator(production):
 def test_stop_server_only_signals_model_servers(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        assert not deployment.is_running(other.pid)  # not a model server: never killed by pid reuse
-        deployment.stop_server(other.pid)
+        assert not processes.is_running(other.pid)  # not a model server: never killed by pid reuse
+        processes.stop_server(other.pid)
         assert other.poll() is None
     finally:
         other.kill()
@@ -70,10 +71,10 @@ def test_application_tests_score_answers_over_http(tiny_onnx, tmp_path):
     files = [(write_image(tmp_path / f"{i}.png", seed=i), i % 3) for i in range(12)]
     files.append((tmp_path / "broken.png", 0))
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    with LiveApp(create_app(ServedModel("pets", "1", model))) as url:
-        result = deployment.run_application_tests(url, files, ["cat", "dog", "fox"], concurrency=3)
+    with LiveApp(create_app(ServedModel("pets", "1", model), default_serve_config())) as url:
+        result = app_tests.run_application_tests(url, files, ["cat", "dog", "fox"], concurrency=3)
 
-    from mlops.evaluation import classify
+    from mlops.train.evaluation import classify
 
     truth, predicted = classify(model, files[:-1])
     assert result.requests == 13 and result.errors == 1 and result.statuses == {"200": 12, "422": 1}

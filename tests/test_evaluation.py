@@ -2,18 +2,16 @@ from __future__ import annotations
 
 import pytest
 
-from mlops.config import Thresholds
-from mlops.evaluation import Evaluation, gate, plot_confusion
+from mlops.config import GateThresholds
+from mlops.train.evaluation import Baseline, Evaluation, gate, plot_confusion
 
-THRESHOLDS = Thresholds(
+THRESHOLDS = GateThresholds(
     min_accuracy=0.8,
     min_class_recall=0.6,
     max_recall_gap=0.3,
     max_p95_latency_ms=10.0,
     max_accuracy_drop=0.02,
     max_macro_f1_drop=0.02,
-    application={"min_accuracy": 0.8, "min_macro_precision": 0.8, "min_macro_recall": 0.8,
-                 "max_p95_latency_ms": 100.0, "max_error_rate": 0.0},
 )
 
 
@@ -68,12 +66,12 @@ def test_every_violation_is_reported_at_once_with_value_and_bound():
 
 def test_change_bounds_against_production():
     production = make_eval(0.95, {"cat": 0.95, "dog": 0.95})
-    worse = gate(make_eval(0.9, {"cat": 0.9, "dog": 0.9}), THRESHOLDS, production, "production v3")
+    worse = gate(make_eval(0.9, {"cat": 0.9, "dog": 0.9}), THRESHOLDS, Baseline("production v3", production))
     assert verdicts(worse)["accuracy_vs_production"] == "FAIL"
     check = next(c for c in worse.checks if c.name == "accuracy_vs_production")
     assert check.bound == pytest.approx(0.93) and "production v3 accuracy 0.9500" in check.note
 
-    close = gate(make_eval(0.94, {"cat": 0.94, "dog": 0.94}), THRESHOLDS, production, "production v3")
+    close = gate(make_eval(0.94, {"cat": 0.94, "dog": 0.94}), THRESHOLDS, Baseline("production v3", production))
     assert close.passed and verdicts(close)["macro_f1_vs_production"] == "pass"
 
 

@@ -9,14 +9,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import Receiver
+from conftest import Receiver, copy_built
 from mlflow import MlflowClient
 
-from flows.build import build
 from flows.deploy import deploy
 from flows.monitor import monitor
-from mlops import deployment, traffic
-from mlops.records import hour_file
+from mlops import traffic
+from mlops.data.layout import dataset_dir
+from mlops.deploy import processes
+from mlops.serve.records import hour_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -24,33 +25,30 @@ MODEL = "image-classifier"
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    path = tmp_path_factory.mktemp("monitor-ws")
-    state = build(env="test", overrides=[f"paths.workspace={path}", "train.progress_bar=false"], return_state=True)
-    assert state.is_completed(), state.message
+def workspace(built, tmp_path_factory):
+    path = copy_built(built, tmp_path_factory.mktemp("monitor-ws") / "ws")
     yield path
     for live in path.glob("deploy/*/live.json"):
-        deployment.stop_server(json.loads(live.read_text())["pid"])
+        processes.stop_server(json.loads(live.read_text())["pid"])
 
 
 def scenario(workspace: Path, name: str) -> list[str]:
-    """Overrides giving scenario `name` its own server port, state and records."""
-    port = deployment.free_port("127.0.0.1")
+    """Overrides giving scenario `name` its own state and records (the monitor's and the deploy's)."""
     return [
-        f"paths.workspace={workspace}", "train.progress_bar=false", f"serve.port={port}",
-        f"deploy.state_dir={workspace}/deploy/{name}", f"serve.records.dir={workspace}/records/{name}",
-        f"monitor.state_dir={workspace}/monitor/{name}", "monitor.window=30m",
+        f"paths.workspace={workspace}", f"paths.deploy={workspace}/deploy/{name}",
+        f"records.dir={workspace}/records/{name}", f"paths.monitor={workspace}/monitor/{name}",
     ]
 
 
 def serve(workspace: Path, overrides: list[str]) -> str:
-    state = deploy(env="test", overrides=[*overrides, "deploy.keep_test_server=true"], return_state=True)
+    port = processes.free_port("127.0.0.1")
+    state = deploy(env="test", overrides=[*overrides, f"serve.port={port}", "deploy.keep_test_server=true"], return_state=True)
     assert state.is_completed(), state.message
     return state.result().url
 
 
 def replay(workspace: Path, url: str, **options) -> traffic.ReplayResult:
-    result = traffic.replay(url, traffic.load_images(workspace / "dvc" / "datasets" / "digits" / "test"), **options)
+    result = traffic.replay(url, traffic.load_images(dataset_dir(workspace / "dvc", "digits") / "test"), **options)
     assert result.ok == result.sent
     time.sleep(1.5)  # the server flushes its records every second
     return result
@@ -64,7 +62,8 @@ def run_monitor(overrides: list[str], receiver: Receiver | None = None):
         os.environ["MLOPS_ALERT_WEBHOOK_URL"] = receiver.url + "/hook"
         os.environ["MLOPS_SLACK_WEBHOOK_URL"] = receiver.url + "/slack"
         sinks = ["monitor.alerts.sinks=[log,webhook,slack]"]
-    state = monitor(env="test", overrides=[*overrides, *sinks], return_state=True)
+    window = [] if any(o.startswith("monitor.window=") for o in overrides) else ["monitor.window=30m"]
+    state = monitor(env="test", overrides=[*overrides, *window, *sinks], return_state=True)
     assert state.is_completed(), state.message
     return state.result()
 
@@ -87,7 +86,7 @@ def test_replay_without_drift_is_healthy_and_silent(workspace):
         result = run_monitor(overrides, receiver)
     assert result.outcome == "healthy", result.breaches
     assert result.requests == 120  # the application tests and the replay
-    assert receiver.received == [] and result.alerts_sent == [] and result.retrain is None
+    assert receiver.received == [] and result.alerts_sent == [] and result.retrain.decision == "none"
     sections = checks_json(result)["sections"]
     assert sections["drift"][0]["name"] == "drifted_share" and sections["drift"][0]["verdict"] == "pass"
     assert {c["note"] for c in sections["performance"]} == {"not enough labels: 0 < 20"}
@@ -123,8 +122,10 @@ def test_drift_alerts_once_and_retrains_once(workspace):
     assert alert["version"] == "1" and alert["value"] > alert["bound"] and alert["report"] == first.report
     assert any("drifted_share" in body["text"] for path, body in receiver.received if path == "/slack")
 
-    assert first.retrain.startswith("in-process build, COMPLETED")  # no deployment here: in-process
-    assert second.retrain is None and second.outcome == "breach"  # cool-down: one breach, one build
+    assert (first.retrain.started, first.retrain.state) == ("in-process", "COMPLETED")  # no deployment here
+    assert first.retrain.decision == "in_process" and "drift.drifted_share" in first.retrain.reasons
+    assert second.retrain.decision == "cooldown" and second.retrain.started is None  # one breach, one build
+    assert second.outcome == "breach"
     uri = f"sqlite:///{workspace}/mlflow.db"
     client = MlflowClient(uri, uri)
     builds = client.search_runs([client.get_experiment_by_name(MODEL).experiment_id], "tags.`mlops.trigger` LIKE 'monitor/%'")

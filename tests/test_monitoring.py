@@ -6,15 +6,18 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import Receiver
 
 from flows.config import load_config
-from mlops import monitoring
-from mlops.profiling import Reference, drift_scores, profile_frame, whylogs
-from mlops.records import RecordWriter, read_window
+from mlops.monitor import alerts
+from mlops.monitor import checks as monitoring
+from mlops.monitor.profiling import Reference, drift_scores, profile_frame, whylogs
+from mlops.monitor.window import Traffic, parse_duration
+from mlops.serve.records import RecordWriter, read_window
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 CLASSES = ["cat", "dog"]
@@ -25,7 +28,7 @@ def config():
     return load_config("monitor", "test", []).monitor
 
 
-def traffic(n: int, labels: int = 0, rejected: int = 0, brightness: float = 0.5, seed: int = 0) -> monitoring.Traffic:
+def traffic(n: int, labels: int = 0, rejected: int = 0, brightness: float = 0.5, seed: int = 0) -> Traffic:
     rng = np.random.default_rng(seed)
     served = pd.DataFrame({
         "request_id": [f"{i:032x}" for i in range(n)],
@@ -38,20 +41,20 @@ def traffic(n: int, labels: int = 0, rejected: int = 0, brightness: float = 0.5,
     })
     bad = pd.DataFrame({"status": ["rejected"] * rejected, "error": "not_an_image", "content_type": "text/plain"})
     answers = {row.request_id: (row.prediction if i % 4 else "cat") for i, row in enumerate(served.head(labels).itertuples())}
-    return monitoring.Traffic(NOW - timedelta(hours=1), NOW, "3", served, bad, answers, [])
+    return Traffic(NOW - timedelta(hours=1), NOW, "3", served, bad, answers, [])
 
 
-def reference_of(window: monitoring.Traffic) -> Reference:
+def reference_of(window: Traffic) -> Reference:
     columns = ["width", "height", "aspect_ratio", "brightness", "contrast", "saturation", "sharpness", "prediction", "confidence"]
     frame = window.served[columns]
     return Reference(profile_frame(frame), {c: frame[c].tolist() for c in columns})
 
 
 def test_durations():
-    assert monitoring.parse_duration("90m") == timedelta(minutes=90)
-    assert monitoring.parse_duration("7d") == timedelta(days=7)
+    assert parse_duration("90m") == timedelta(minutes=90)
+    assert parse_duration("7d") == timedelta(days=7)
     with pytest.raises(ValueError, match="'soon' is not a duration"):
-        monitoring.parse_duration("soon")
+        parse_duration("soon")
 
 
 def test_too_few_labels_is_not_a_verdict(config):
@@ -126,27 +129,26 @@ mlops_request_latency_seconds_sum{endpoint="/predict"} 0.4
 mlops_requests_total{endpoint="/predict",status="200"} 95.0
 mlops_requests_total{endpoint="/predict",status="422"} 5.0
 """
-    checks = {c.name: c for c in monitoring.telemetry_checks(traffic(60), text, config)}
+    checks = {c.name: c for c in monitoring.telemetry_checks(traffic(60), text, config, 250.0)}
     assert checks["p95_latency_ms"].value == pytest.approx(10.0)
     assert checks["error_rate"].value == pytest.approx(0.05)
     assert checks["request_rate_per_min"].value == pytest.approx(1.0)
-    unreachable = {c.name: c for c in monitoring.telemetry_checks(traffic(60), None, config)}
+    unreachable = {c.name: c for c in monitoring.telemetry_checks(traffic(60), None, config, 250.0)}
     assert unreachable["p95_latency_ms"].note == "server /metrics not reachable"
 
 
-def test_alerts_go_to_every_sink_once_per_quiet_period(tmp_path):
-    alert = monitoring.Alert("drift", "drifted_share", 0.5, 0.25, "<=", "3", "file:///report.html")
+def test_alerts_reach_a_webhook_and_slack_receiver(tmp_path):
+    alert = alerts.Alert("drift", "drifted_share", 0.5, 0.25, "<=", "3", "file:///report.html")
     with Receiver() as receiver:
-        sinks = {"log": None, "webhook": receiver.url + "/hook", "slack": receiver.url + "/slack"}
-        state = tmp_path / "alerts.json"
-        assert monitoring.send_alerts([alert], sinks, state, timedelta(hours=6), NOW) == [alert]
-        assert monitoring.send_alerts([alert], sinks, state, timedelta(hours=6), NOW + timedelta(hours=1)) == []
-        assert monitoring.send_alerts([alert], sinks, state, timedelta(hours=6), NOW + timedelta(hours=7)) == [alert]
-    paths = [path for path, _ in receiver.received]
-    assert paths == ["/hook", "/slack", "/hook", "/slack"]
+        alerts.deliver([alert], "log", None)
+        alerts.deliver([alert], "webhook", receiver.url + "/hook")
+        alerts.deliver([alert], "slack", receiver.url + "/slack")
+    assert [path for path, _ in receiver.received] == ["/hook", "/slack"]
     hook = receiver.received[0][1]["alerts"][0]
     assert (hook["check"], hook["value"], hook["bound"], hook["version"]) == ("drifted_share", 0.5, 0.25, "3")
     assert "file:///report.html" in receiver.received[1][1]["text"]
+    with pytest.raises(httpx.HTTPError):  # a sink that is down fails loudly (the flow retries it)
+        alerts.deliver([alert], "webhook", receiver.url + "/hook")
 
 
 def test_unreadable_records_are_reported_and_kept(tmp_path):
@@ -169,7 +171,7 @@ def test_whylogs_works_under_numpy_2_only_through_the_fix():
     frame = "import pandas as pd; df = pd.DataFrame({'a': [1.0, 2.0], 'b': ['x', 'y']})"
     bare = subprocess.run([sys.executable, "-c", f"{frame}; import whylogs; whylogs.log(df)"], capture_output=True, text=True)
     fixed = subprocess.run(
-        [sys.executable, "-c", f"{frame}; from mlops.profiling import whylogs; print(whylogs().log(df).view().get_columns().keys())"],
+        [sys.executable, "-c", f"{frame}; from mlops.monitor.profiling import whylogs; print(whylogs().log(df).view().get_columns().keys())"],
         capture_output=True, text=True,
     )
     if np.__version__.startswith("2"):
@@ -180,7 +182,7 @@ def test_whylogs_works_under_numpy_2_only_through_the_fix():
 
 
 def test_record_files_are_pruned_oldest_first_past_the_budget(tmp_path):
-    from mlops.records import hour_file, prune
+    from mlops.serve.records import hour_file, prune
 
     now = datetime.now(UTC)
     paths = [hour_file(tmp_path, "requests", now - timedelta(hours=h)) for h in (50, 3, 2, 1, 0)]

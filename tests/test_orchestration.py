@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlops import deployment, traffic
+from mlops import traffic
+from mlops.data.layout import dataset_dir
+from mlops.deploy import processes as deployment
 
 pytestmark = pytest.mark.slow
 
@@ -137,12 +139,13 @@ def test_the_monitors_retraining_trigger_starts_the_build_deployment(stack):
     port = deployment.free_port("127.0.0.1")
     state = deploy(env="test", overrides=[f"serve.port={port}", "deploy.keep_test_server=true"], return_state=True)
     assert state.is_completed(), state.message
-    images = traffic.load_images(home / "workspace" / "dvc" / "datasets" / "digits" / "test")
+    images = traffic.load_images(dataset_dir(home / "workspace" / "dvc", "digits") / "test")
     assert traffic.replay(f"http://127.0.0.1:{port}", images, requests=120, drift="brightness").ok == 120
     time.sleep(1.5)
     state = monitor(env="test", overrides=["monitor.retrain.mode=deployment"], return_state=True)
     assert state.is_completed(), state.message
-    assert state.result().retrain.endswith("of deployment build/build-test")
+    retrain = state.result().retrain
+    assert retrain.decision == "deployment" and retrain.started is not None
     runs = wait_for_runs(api, "build/build-test", before + 1)
     assert len(runs) == before + 1
     newest = max(runs, key=lambda r: r["created"])

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import tiny_classifier
 
-from mlops.inference import ModelSpec, OnnxClassifier, image_to_array
-from mlops.packaging import ParityError, check_parity, export_onnx
+from mlops.serve.inference import ModelSpec, OnnxClassifier, image_to_array
+from mlops.train.packaging import ParityError, check_parity, export_onnx
 
 SPEC = ModelSpec(("cat", "dog", "fox"), 16, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
 

@@ -14,9 +14,10 @@ import pytest
 from conftest import LiveApp
 from PIL import Image
 
-from mlops.inference import OnnxClassifier
-from mlops.records import RecordWriter, read_window
-from mlops.serving import Limits, ServedModel, create_app
+from mlops.serve.inference import OnnxClassifier
+from mlops.serve.records import RecordWriter, read_window
+from mlops.config.serve import default_serve_config
+from mlops.serve.app import ServedModel, create_app
 
 TOKEN = "s3cret-token"
 
@@ -36,7 +37,7 @@ def records_dir(tmp_path) -> Path:
 def server(tiny_onnx, records_dir, tmp_path):
     served = ServedModel("pets", "7", OnnxClassifier(tiny_onnx))
     writer = RecordWriter(records_dir, max_mb=10, max_age_days=1, flush_s=0.1)
-    app = create_app(served, Limits(max_body_bytes=50_000, max_pixels=500 * 500, max_batch_images=4), None, writer)
+    app = create_app(served, default_serve_config().model_copy(update={"max_body_mb": 50_000 / 2**20, "max_pixels": 500 * 500, "max_batch_images": 4}), None, writer)
     with LiveApp(app) as url:
         yield url
 

@@ -69,8 +69,8 @@ def exported(tiny_onnx) -> dict[str, set[str]]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from mlops.inference import OnnxClassifier
-    from mlops.serving import Metrics, ServedModel, create_app
+    from mlops.serve.inference import OnnxClassifier
+    from mlops.serve.app import Metrics, ServedModel, create_app
 
     served = ServedModel("image-classifier", "7", OnnxClassifier(tiny_onnx))
     names: dict[str, set[str]] = {}
@@ -196,7 +196,7 @@ def test_prometheus_scrapes_the_configured_ports(monkeypatch, tmp_path):
 def test_commented_kubernetes_variant_matches_the_rendered_pods():
     """The commented kubernetes_sd job parses and keys on the annotations render_manifests sets."""
     from flows.config import load_config
-    from mlops.deployment import render_manifests
+    from mlops.deploy.kubernetes import render_manifests
 
     lines = (DEPLOYMENTS / "prometheus/prometheus.yml").read_text().splitlines()
     start = lines.index("  # - job_name: mlops-model-server")

@@ -17,10 +17,10 @@ import pytest
 from conftest import LiveApp, write_image
 from PIL import Image
 
-from mlops.features import image_features
-from mlops.inference import OnnxClassifier
-from mlops.records import RecordWriter, read_window
-from mlops.serving import ServedModel, create_app
+from mlops.serve.features import image_features
+from mlops.serve.inference import OnnxClassifier
+from mlops.serve.records import RecordWriter, read_window
+from mlops.serve.app import ServedModel, create_app
 from mlops.traffic import DRIFTS, corrupt, load_images, pick_images, replay
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mlops.versioning import DataVersionError, checkout_dataset, commit_dataset, dataset_dir
+from mlops.data.layout import dataset_dir
+from mlops.data.versioning import DataVersionError, checkout_dataset, commit_dataset
 
 
 def write_dataset(repo: Path, files: dict[str, bytes]) -> None:

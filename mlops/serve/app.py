@@ -30,6 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mlops.config import ServeConfig
+from mlops.config.serve import default_serve_config
 from mlops.serve.batching import MicroBatcher
 from mlops.serve.features import image_features
 from mlops.serve.inference import OnnxClassifier, image_to_array
@@ -185,9 +186,11 @@ class Observe:
 
 
 def create_app(
-    served: ServedModel, settings: ServeConfig, token: str | None = None, records: RecordWriter | None = None
+    served: ServedModel, settings: ServeConfig | None = None, token: str | None = None, records: RecordWriter | None = None
 ) -> FastAPI:
-    """The API for `served`, with the limits and batching of `settings` (the `serve` section)."""
+    """The API for `served`, with the limits and batching of `settings` (the `serve` section;
+    default: conf/serve/default.yaml)."""
+    settings = settings or default_serve_config()
     model, classes = served.model, served.model.spec.classes
     metrics = Metrics(served)
     batcher = MicroBatcher(model, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0, metrics.batch_size.observe)

@@ -157,4 +157,4 @@ def gate(new: Evaluation, thresholds: GateThresholds, baseline: Baseline | None 
                 f"{baseline.label} macro F1 {production.macro_f1:.4f} - max_macro_f1_drop",
             ),
         ]
-    return Report({"gate": checks})
+    return Report({"gate": checks}, title="Gate")
