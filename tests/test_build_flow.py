@@ -67,7 +67,7 @@ def test_build_registers_a_candidate_with_its_lineage(first_build, workspace):
     assert {"config", "data", "evaluation", "gate", "model", "weights"} <= artifacts
     resolved = Path(client.download_artifacts(run.info.run_id, "config/resolved.yaml")).read_text()
     assert "max_epochs: 3" in resolved and "environment: test" in resolved
-    assert gate_report(client, run.info.run_id)["checks"][-1]["verdict"] == "skipped"
+    assert gate_report(client, run.info.run_id)["sections"]["gate"][-1]["verdict"] == "skipped"
 
 
 def test_registered_model_loads_with_mlflow_onnx_flavour(first_build, workspace):
@@ -115,7 +115,7 @@ def test_gate_compares_with_the_production_model_on_the_same_split(first_build, 
     )
     assert state.is_completed(), state.message
     result = state.result()
-    checks = {c["name"]: c for c in gate_report(client, result.run_id)["checks"]}
+    checks = {c["name"]: c for c in gate_report(client, result.run_id)["sections"]["gate"]}
 
     # evaluate production independently on the test split of the same data version
     prepared = load_prepared(dataset_dir(workspace / "dvc", "digits"))

@@ -92,7 +92,10 @@ def plan(action: Action | str, aliases: Aliases, live: str | None = None) -> Pla
     if target is None:
         raise Refused("no 'previous' version to roll back to: nothing was released before the current one"
                       " (or it was rolled back already)")
-    moves = [Move(Role.PRODUCTION, target), Move(Role.PREVIOUS, aliases.before_previous)]
+    # what `previous` once replaced, unless that is the version being left (a re-release of an
+    # older version records the newer one as replaced): going back must never lead forward again
+    before = aliases.before_previous if aliases.before_previous not in (aliases.production, target) else None
+    moves = [Move(Role.PRODUCTION, target), Move(Role.PREVIOUS, before)]
     if aliases.approved is not None and aliases.approved == aliases.production:
         moves.append(Move(Role.APPROVED, None))  # the version rolled back from must be approved again
     return Plan(action, target, tuple(moves), reason=f"roll back from {aliases.production} to {target}")

@@ -1,0 +1,84 @@
+"""The build gate (`mlops.train.evaluation.gate`) on hand-made evaluations: no model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from mlops.config import GateThresholds
+from mlops.train.evaluation import Baseline, Evaluation, gate
+
+THRESHOLDS = GateThresholds(
+    min_accuracy=0.8, min_class_recall=0.7, max_recall_gap=0.2,
+    max_p95_latency_ms=50.0, max_accuracy_drop=0.02, max_macro_f1_drop=0.03,
+)
+
+
+def evaluation(accuracy=0.9, recalls=(0.95, 0.85), p95=10.0, macro_f1=0.9) -> Evaluation:
+    per_class = {name: {"precision": 0.9, "recall": r, "f1": 0.9, "support": 10} for name, r in zip("ab", recalls)}
+    return Evaluation(
+        classes=["a", "b"], images=20, accuracy=accuracy, macro_precision=0.9, macro_recall=sum(recalls) / 2,
+        macro_f1=macro_f1, per_class=per_class, confusion=[[10, 0], [0, 10]], latency_p50_ms=p95 / 2,
+        latency_p95_ms=p95,
+    )
+
+
+def verdicts(report):
+    return {c.name: c.passed for c in report.checks}
+
+
+def test_all_pass_with_baseline():
+    report = gate(evaluation(), THRESHOLDS, Baseline("production v1", evaluation(accuracy=0.9, macro_f1=0.9)))
+    assert report.passed
+    assert all(verdicts(report).values())
+
+
+@pytest.mark.parametrize(
+    ("changes", "failing"),
+    [
+        ({"accuracy": 0.7}, "accuracy"),
+        ({"recalls": (0.75, 0.65)}, "min_class_recall"),
+        ({"recalls": (1.0, 0.75)}, "recall_gap"),
+        ({"p95": 80.0}, "p95_latency_ms"),
+    ],
+)
+def test_each_absolute_bound_fails_alone(changes, failing):
+    report = gate(evaluation(**changes), THRESHOLDS)
+    assert not report.passed
+    assert [c.name for c in report.failures] == [failing]
+
+
+def test_min_class_recall_names_the_worst_class():
+    check = next(c for c in gate(evaluation(recalls=(0.75, 0.65)), THRESHOLDS).checks if c.name == "min_class_recall")
+    assert check.value == pytest.approx(0.65) and "'b'" in check.note
+
+
+@pytest.mark.parametrize("baseline", [None, Baseline("production v2 could not be evaluated")])
+def test_without_baseline_comparisons_are_skipped(baseline):
+    report = gate(evaluation(), THRESHOLDS, baseline)
+    skipped = {c.name: c for c in report.checks if c.passed is None}
+    assert set(skipped) == {"accuracy_vs_production", "macro_f1_vs_production"}
+    expected = baseline.label if baseline else "no production model yet: comparison skipped"
+    assert all(c.note == expected for c in skipped.values())
+    assert report.passed
+
+
+def test_accuracy_drop_against_production_fails():
+    production = evaluation(accuracy=0.95, macro_f1=0.9)
+    report = gate(evaluation(accuracy=0.92), THRESHOLDS, Baseline("production v3", production))
+    check = next(c for c in report.checks if c.name == "accuracy_vs_production")
+    assert check.passed is False
+    assert check.bound == pytest.approx(0.95 - 0.02)
+    assert "production v3" in check.note
+    assert [c.name for c in report.failures] == ["accuracy_vs_production"]
+
+
+def test_report_lists_every_check_when_several_fail():
+    new = evaluation(accuracy=0.5, recalls=(1.0, 0.3), p95=100.0, macro_f1=0.5)
+    report = gate(new, THRESHOLDS, Baseline("production v3", replace(evaluation(), accuracy=0.95)))
+    assert [c.name for c in report.checks] == [
+        "accuracy", "min_class_recall", "recall_gap", "p95_latency_ms", "accuracy_vs_production", "macro_f1_vs_production",
+    ]
+    assert not any(verdicts(report).values())
+    assert report.title == "Gate" and report.to_markdown().startswith("**Gate: FAILED**")

@@ -1,0 +1,68 @@
+"""The retraining rule (`mlops.monitor.retrain.retrain_policy`): pure, no Prefect."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mlops.monitor.retrain import RetrainDecision, RetrainKind, retrain_policy
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+SECTIONS = ["drift", "performance"]
+
+
+def decide(breaches, mode="auto", last_started=None, deployment_exists=True, cooldown=timedelta(hours=6)):
+    return retrain_policy(breaches, SECTIONS, mode, cooldown, last_started, NOW, deployment_exists)
+
+
+@pytest.mark.parametrize("breaches", [[], ["telemetry.p95_latency_ms"], ["bias.recall_gap", "integrity.rejected_share"]])
+def test_no_breach_in_retraining_sections_is_none(breaches):
+    d = decide(breaches)
+    assert d.kind is RetrainKind.NONE
+    assert d.reasons == ()
+    assert not d.starts
+
+
+def test_within_cooldown_only_says_so():
+    d = decide(["drift.share"], last_started=NOW - timedelta(hours=5, minutes=59))
+    assert d.kind is RetrainKind.COOLDOWN
+    assert d.reasons == ("drift.share",)
+    assert not d.starts
+
+
+def test_exactly_at_cooldown_boundary_starts():
+    d = decide(["drift.share"], last_started=NOW - timedelta(hours=6))
+    assert d.kind is RetrainKind.DEPLOYMENT
+    assert d.starts
+
+
+@pytest.mark.parametrize(
+    ("mode", "exists", "kind"),
+    [
+        ("in_process", True, RetrainKind.IN_PROCESS),
+        ("in_process", False, RetrainKind.IN_PROCESS),
+        ("auto", True, RetrainKind.DEPLOYMENT),
+        ("auto", False, RetrainKind.IN_PROCESS),
+        ("deployment", True, RetrainKind.DEPLOYMENT),
+        ("deployment", False, RetrainKind.MISSING_DEPLOYMENT),
+    ],
+)
+def test_mode_and_deployment(mode, exists, kind):
+    d = decide(["performance.accuracy"], mode=mode, deployment_exists=exists)
+    assert d.kind is kind
+    assert d.starts is (kind in (RetrainKind.DEPLOYMENT, RetrainKind.IN_PROCESS))
+
+
+def test_reasons_sorted_deduplicated_and_filtered():
+    d = decide(["performance.accuracy", "drift.share", "telemetry.error_rate", "drift.share"])
+    assert d.reasons == ("drift.share", "performance.accuracy")
+
+
+def test_section_must_match_whole_prefix():
+    assert decide(["drifting.share"]).kind is RetrainKind.NONE
+
+
+@pytest.mark.parametrize("kind", list(RetrainKind))
+def test_starts_property(kind):
+    assert RetrainDecision(kind).starts is (kind in {RetrainKind.DEPLOYMENT, RetrainKind.IN_PROCESS})
