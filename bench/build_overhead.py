@@ -20,15 +20,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from table import print_table  # bench/table.py
 from torch.utils.data import DataLoader
 from torchvision.models import get_model
+
+from mlops.data.layout import dataset_dir
 
 
 def bare_train_and_export(data_dir: Path, args, out: Path) -> float:
     """The hand-rolled alternative; returns test accuracy of the exported model."""
-    from mlops.data import load_prepared
-    from mlops.inference import ModelSpec, load_array
-    from mlops.training import ImageDataset
+    from mlops.data.ingest import load_prepared
+    from mlops.serve.inference import ModelSpec, load_array
+    from mlops.train.training import ImageDataset
 
     torch.manual_seed(42)
     prepared = load_prepared(data_dir)
@@ -97,16 +100,14 @@ def main() -> None:
         rows.append((label, seconds, accuracy))
 
     start = time.perf_counter()
-    accuracy = bare_train_and_export(workspace / "dvc" / "datasets" / "digits", args, workspace / "bare.onnx")
+    accuracy = bare_train_and_export(dataset_dir(workspace / "dvc", "digits"), args, workspace / "bare.onnx")
     bare = time.perf_counter() - start
     rows.append(("bare script: PyTorch loop + ONNX export", bare, accuracy))
 
     print(f"\nmodel {args.model}, {args.epochs} epochs, batch {args.batch_size}, digits"
           f" (max_per_class {args.max_per_class or 'all'}), {torch.get_num_threads()} threads\n")
-    print(f"| {'variant':<44} | {'wall s':>7} | {'x bare':>6} | {'test acc':>8} |")
-    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 8}|{'-' * 10}|")
-    for label, seconds, acc in rows:
-        print(f"| {label:<44} | {seconds:7.1f} | {seconds / bare:6.2f} | {acc:8.3f} |")
+    print_table(["variant", "wall s", "x bare", "test acc"],
+                [[label, f"{seconds:.1f}", f"{seconds / bare:.2f}", f"{acc:.3f}"] for label, seconds, acc in rows])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ whylogs drift scores of the current window against a reference:
 
 - ours: the model server records image features with every request (cost measured here as
   "feature extraction"); the monitor then reads the window's record files, profiles them with
-  whylogs and computes drift (`mlops.monitoring.load_traffic` + `drift_checks`);
+  whylogs and computes drift (`mlops.monitor.window.load_traffic` + `mlops.monitor.checks.drift_checks`);
 - whylogs: `whylogs.extras.image_metric.log_image` on each image, one by one, profiles merged,
   then the same drift scores.
 """
@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from table import print_table  # bench/table.py
 
 from flows.config import load_config
-from mlops import monitoring
-from mlops.data import materialize_digits
-from mlops.features import image_features
-from mlops.profiling import Reference, profile_frame, whylogs
-from mlops.records import hour_file
+from mlops.data.ingest import materialize_digits
+from mlops.monitor.checks import drift_checks
+from mlops.monitor.profiling import Reference, profile_frame, whylogs
+from mlops.monitor.window import load_traffic
+from mlops.serve.features import image_features
+from mlops.serve.records import hour_file
 
 
 def write_records(paths: list[Path], folder: Path, now: datetime) -> float:
@@ -56,8 +58,8 @@ def write_records(paths: list[Path], folder: Path, now: datetime) -> float:
 
 def ours(folder: Path, reference: Reference, now: datetime, config) -> tuple[float, int, int]:
     start = time.perf_counter()
-    traffic = monitoring.load_traffic(folder, "1", now - timedelta(hours=1), now + timedelta(seconds=1))
-    checks, scores = monitoring.drift_checks(traffic, reference, config.monitor)
+    traffic = load_traffic(folder, "1", now - timedelta(hours=1), now + timedelta(seconds=1))
+    checks, scores = drift_checks(traffic, reference, config.monitor)
     return time.perf_counter() - start, len(traffic.served), sum(s.drifted for s in scores)
 
 
@@ -110,10 +112,8 @@ def main() -> None:
     ]
     print(f"\n{n} requests ({analysed} analysed), reference {args.reference} images; "
           f"whylogs image reference took {reference_s:.1f} s\n")
-    print(f"| {'method':<50} | {'seconds':>8} | {'requests/s':>10} | {'x whylogs':>9} | note")
-    print(f"|{'-' * 52}|{'-' * 10}|{'-' * 12}|{'-' * 11}|------")
-    for label, seconds, note in rows:
-        print(f"| {label:<50} | {seconds:8.2f} | {n / seconds:10.0f} | {theirs / seconds:9.1f} | {note}")
+    print_table(["method", "seconds", "requests/s", "x whylogs", "note"],
+                [[label, f"{seconds:.2f}", f"{n / seconds:.0f}", f"{theirs / seconds:.1f}", note] for label, seconds, note in rows])
 
 
 if __name__ == "__main__":

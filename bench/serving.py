@@ -5,7 +5,7 @@
 One run builds a model (the build flow, env=test, 1 epoch, in a temporary workspace) and serves
 the same registered version, `image-classifier@candidate`, three ways:
 
-1. our server, `python -m mlops.serving`: the client posts the PNG bytes of the test images
+1. our server, `python -m mlops.serve`: the client posts the PNG bytes of the test images
    (`/predict`, or `/predict/batch` with one multipart part per image);
 2. `mlflow models serve` (MLflow's ONNX flavour, `--env-manager local`): MLflow cannot take image
    bytes, so its client sends the preprocessed float32 tensors as JSON, `{"inputs": [...]}` of
@@ -43,6 +43,8 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from mlops.data.layout import dataset_dir
+
 MODEL = "image-classifier"
 ALIAS = "candidate"
 WARMUP_SECONDS = 1.0
@@ -69,11 +71,12 @@ def build_model(workspace: Path) -> str:
 def download_onnx(tracking_uri: str, dest: Path) -> Path:
     from mlflow import MlflowClient
 
-    from mlops.registry import download_model
+    from mlops.registry import MODEL_ARTIFACT, ONNX_FILE
 
     client = MlflowClient(tracking_uri, tracking_uri)
     version = client.get_model_version_by_alias(MODEL, ALIAS)
-    return download_model(client, version.run_id, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(version.run_id, f"{MODEL_ARTIFACT}/{ONNX_FILE}", str(dest)))
 
 
 def free_port() -> int:
@@ -261,7 +264,7 @@ def http_load(url: str, server_pid: int, requests: list[tuple], concurrency: int
 
 def in_process_load(model, pngs: list[bytes], size: int, seconds: float) -> dict:
     """Decode, `image_to_array` and `logits` on `size` images per call, in this thread, for `seconds`."""
-    from mlops.inference import image_to_array
+    from mlops.serve.inference import image_to_array
 
     batches = groups(pngs, size, count=10)
 
@@ -336,13 +339,13 @@ def main() -> None:
         parser.error("--concurrency must be at least 1")
     logging.getLogger("prefect").setLevel(logging.WARNING)
 
-    from mlops.inference import OnnxClassifier, image_to_array
+    from mlops.serve.inference import OnnxClassifier, image_to_array
 
     workspace = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     print(f"workspace {workspace}: building the model ...", flush=True)
     tracking_uri = build_model(workspace)
     model = OnnxClassifier(download_onnx(tracking_uri, workspace / "bench-model"))
-    paths = sorted((workspace / "dvc" / "datasets" / "digits" / "test").glob("*/*.png"))
+    paths = sorted((dataset_dir(workspace / "dvc", "digits") / "test").glob("*/*.png"))
     pngs = [path.read_bytes() for path in paths]
     arrays = [image_to_array(Image.open(io.BytesIO(png)), model.spec) for png in pngs]
     loads = {
@@ -358,7 +361,7 @@ def main() -> None:
     our_port, mlflow_port = free_port(), free_port()
     our_url, mlflow_url = f"http://127.0.0.1:{our_port}", f"http://127.0.0.1:{mlflow_port}"
     our_command = [
-        sys.executable, "-m", "mlops.serving", "--tracking-uri", tracking_uri, "--model", MODEL, "--alias", ALIAS,
+        sys.executable, "-m", "mlops.serve", "--tracking-uri", tracking_uri, "--model", MODEL, "--alias", ALIAS,
         "--host", "127.0.0.1", "--port", str(our_port), "--cache-dir", str(workspace / "serving-cache"),
     ]
     mlflow_command = [
@@ -387,7 +390,7 @@ def main() -> None:
             size = 1 if load == "single" else args.batch
             ceiling[load] = in_process_load(model, pngs, size, args.seconds)
             rows += [
-                ("ours: mlops.serving (PNG bytes)", load, ours[load]),
+                ("ours: mlops.serve (PNG bytes)", load, ours[load]),
                 ("mlflow models serve (preprocessed tensor JSON)", load, theirs),
                 (f"ceiling: in-process ONNX Runtime, batch {size}", load, ceiling[load]),
             ]

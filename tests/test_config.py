@@ -224,3 +224,19 @@ def test_production_scales_out_by_configuration(monkeypatch, tmp_path):
     assert config.mlflow.tracking_uri.startswith("postgresql://") and config.dvc.remote.startswith("s3://")
     deploy = load_config("deploy", "production", [f"paths.workspace={tmp_path}"])
     assert deploy.serve.token_env == "MLOPS_API_TOKEN" and deploy.action == "release"
+
+
+def test_overrides_reach_the_flows_that_have_their_keys():
+    from flows.config import overrides_for
+
+    given = ["paths.workspace=/w", "model=mobilenet_v3_small", "gate.min_accuracy=0.3", "serve.port=9",
+             "monitor.window=2h", "+mlflow.x=1"]
+    assert overrides_for("build", given) == ["paths.workspace=/w", "model=mobilenet_v3_small", "gate.min_accuracy=0.3", "+mlflow.x=1"]
+    assert overrides_for("deploy", given) == ["paths.workspace=/w", "serve.port=9", "+mlflow.x=1"]
+    assert overrides_for("monitor", given) == ["paths.workspace=/w", "monitor.window=2h", "+mlflow.x=1"]
+
+
+def test_the_old_server_command_names_the_new_one():
+    result = subprocess.run([sys.executable, "-m", "mlops.serving", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and "python -m mlops.serve" in result.stderr

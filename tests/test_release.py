@@ -118,12 +118,18 @@ def test_release_release_rollback_rollback_never_goes_forward_again():
     assert reg.aliases.production == "1"
 
 
-def test_three_releases_roll_back_two_steps():
+def released(*versions: str) -> Registry:
+    """Each version built, validated and released in turn."""
     reg = Registry()
-    for version in ("1", "2", "3"):
+    for version in versions:
         reg.build(version)
         reg.run("validate")
         reg.run("release", live=reg.aliases.production)
+    return reg
+
+
+def test_three_releases_roll_back_two_steps():
+    reg = released("1", "2", "3")
     assert reg.run("rollback").version == "2"
     assert (reg.aliases.production, reg.aliases.previous) == ("2", "1")
     assert reg.run("rollback").version == "1"
@@ -134,11 +140,7 @@ def test_three_releases_roll_back_two_steps():
 
 def test_rollback_never_returns_the_unapproved_version_it_left():
     # v1, v2, then v1 again (a build that reuses v1 points `candidate` back at it): v1 replaced v2
-    reg = Registry()
-    for version in ("1", "2", "1"):
-        reg.build(version)
-        reg.run("validate")
-        reg.run("release", live=reg.aliases.production)
+    reg = released("1", "2", "1")
     assert reg.run("rollback").version == "2"
     assert reg.aliases.approved is None  # v1 lost its approval: it must pass the test environment again
     try:

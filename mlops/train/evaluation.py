@@ -7,26 +7,22 @@ report shows all that is wrong at once.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mlops.checks import Check, Report, classification, compare, recall_gap_check
+from mlops.checks import Check, Classification, Report, classification, compare, recall_gap_check
 from mlops.config import GateThresholds
 from mlops.serve.inference import OnnxClassifier, load_array
 
 
-@dataclass
-class Evaluation:
+@dataclass(frozen=True, kw_only=True)
+class Evaluation(Classification):
+    """The classification metrics of a model on a test split, with its latency."""
+
     classes: list[str]
     images: int
-    accuracy: float
-    macro_precision: float
-    macro_recall: float
-    macro_f1: float
-    per_class: dict[str, dict[str, float]]  # class -> precision, recall, f1, support
-    confusion: list[list[int]]  # rows: true class, columns: predicted class
     latency_p50_ms: float
     latency_p95_ms: float
 
@@ -72,18 +68,7 @@ def evaluate(model: OnnxClassifier, files: list[tuple[Path, int]], latency_image
     truth, predicted = classify(model, files)
     scores = classification(truth, predicted, range(len(classes)), classes)
     p50, p95 = measure_latency(model, files, latency_images)
-    return Evaluation(
-        classes=classes,
-        images=len(truth),
-        accuracy=scores.accuracy,
-        macro_precision=scores.macro_precision,
-        macro_recall=scores.macro_recall,
-        macro_f1=scores.macro_f1,
-        per_class=scores.per_class,
-        confusion=scores.confusion,
-        latency_p50_ms=p50,
-        latency_p95_ms=p95,
-    )
+    return Evaluation(**asdict(scores), classes=classes, images=len(truth), latency_p50_ms=p50, latency_p95_ms=p95)
 
 
 def plot_confusion(evaluation: Evaluation, path: Path) -> Path:
