@@ -32,6 +32,6 @@ def test_demo_runs_the_loop_and_the_retrained_version_passes_the_gates_again(tmp
     assert summary["release"].startswith("version 1 live on http://127.0.0.1:")
     assert summary["monitor"].startswith("breach: ") and "drift.drifted_share" in summary["monitor"]
     assert "drift.drifted_share@v1" in summary["alerts"]
-    assert summary["retrain"] == "in-process build, COMPLETED, model version 2"
+    assert summary["retrain"] == "in-process, COMPLETED, model version 2"
     assert summary["retrained version in test"] == "version 2 approved"
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
