@@ -71,12 +71,10 @@ def build_model(workspace: Path) -> str:
 def download_onnx(tracking_uri: str, dest: Path) -> Path:
     from mlflow import MlflowClient
 
-    from mlops.registry import MODEL_ARTIFACT, ONNX_FILE
+    from mlops.registry import download_model
 
     client = MlflowClient(tracking_uri, tracking_uri)
-    version = client.get_model_version_by_alias(MODEL, ALIAS)
-    dest.mkdir(parents=True, exist_ok=True)
-    return Path(client.download_artifacts(version.run_id, f"{MODEL_ARTIFACT}/{ONNX_FILE}", str(dest)))
+    return download_model(client, client.get_model_version_by_alias(MODEL, ALIAS).run_id, dest)
 
 
 def free_port() -> int:

@@ -64,7 +64,8 @@ def demo(
     root = Path(workspace).resolve()
     os.environ.update(production_variables(root))
     common = [f"paths.workspace={root}", *(overrides or [])]
-    unknown = [o for o in common if not any(o in overrides_for(flow, common) for flow in ("build", "deploy", "monitor"))]
+    known = {o for flow in ("build", "deploy", "monitor") for o in overrides_for(flow, common)}
+    unknown = [o for o in common if o not in known]
     if unknown:
         raise ValueError(f"overrides that no flow has a key for: {unknown}")
     test = [*overrides_for("deploy", common), f"serve.port={test_port}"]

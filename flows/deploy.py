@@ -204,11 +204,11 @@ def deploy(env: str = "test", overrides: list[str] | None = None) -> DeployResul
     """Deploy per `conf/deploy.yaml` in environment `env` with Hydra `overrides`."""
     config: DeployConfig = load_config("deploy", env, list(overrides or []))
     live = processes.read_live(config.paths.deploy)
+    if config.action == Action.STOP:
+        return stop(config, live)  # a record whose server is gone is cleared too
     if live is not None and not processes.is_running(live.pid):
         get_run_logger().warning("recorded server (pid %d, v%s) is not running", live.pid, live.version)
-        live = None if config.action != "stop" else live
-    if config.action == Action.STOP:
-        return stop(config, live)
+        live = None
     token(config)  # a missing token stops the run before anything starts
     registry = Registry(config.mlflow)
     try:

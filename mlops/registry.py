@@ -36,6 +36,12 @@ class VersionRef:
     run_id: str
 
 
+def download_model(client: MlflowClient, run_id: str, dest: Path) -> Path:
+    """The ONNX file logged by `run_id`, downloaded under `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{ONNX_FILE}", str(dest)))
+
+
 class Registry:
     def __init__(self, settings: MlflowConfig):
         self.settings = settings
@@ -127,8 +133,7 @@ class Registry:
 
     def download_model(self, run_id: str, dest: Path) -> Path:
         """The ONNX file logged by `run_id`, downloaded under `dest`."""
-        dest.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{ONNX_FILE}", str(dest)))
+        return download_model(self.client, run_id, dest)
 
     def download_reference(self, run_id: str, dest: Path) -> Path | None:
         """The run's monitoring reference folder, or None if it has none (an older version)."""

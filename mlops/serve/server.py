@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from mlops.config import RecordsConfig, ServeConfig, secret
 from mlops.config.serve import default_serve_config
-from mlops.registry import MODEL_ARTIFACT, ONNX_FILE
+from mlops.registry import download_model
 from mlops.serve.app import ServedModel, create_app
 from mlops.serve.inference import OnnxClassifier
 from mlops.serve.records import RecordWriter
@@ -34,10 +34,8 @@ def load_served(tracking_uri: str, name: str, alias: str | None, version: str | 
 
     client = MlflowClient(tracking_uri, tracking_uri)
     found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    dest = cache / f"{name}-v{found.version}"
-    dest.mkdir(parents=True, exist_ok=True)
-    path = client.download_artifacts(found.run_id, f"{MODEL_ARTIFACT}/{ONNX_FILE}", str(dest))
-    return ServedModel(name, str(found.version), OnnxClassifier(Path(path)))
+    path = download_model(client, found.run_id, cache / f"{name}-v{found.version}")
+    return ServedModel(name, str(found.version), OnnxClassifier(path))
 
 
 def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
