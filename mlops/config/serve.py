@@ -9,11 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mlops.config.common import ENV_NAME, Section
 
 DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "serve" / "default.yaml"
+
+
+class TlsConfig(Section):
+    """The certificate chain and private key (PEM files) for https; each from a path or from the
+    variable named by `*_env` (which holds a path, never the key itself)."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    cert_file_env: str | None = Field(default=None, pattern=ENV_NAME)
+    key_file_env: str | None = Field(default=None, pattern=ENV_NAME)
 
 
 class ServeConfig(Section):
@@ -25,10 +35,38 @@ class ServeConfig(Section):
     max_batch_images: int = Field(ge=1)
     batch_max_size: int = Field(ge=1, le=1024)
     batch_max_wait_ms: float = Field(ge=0.0, le=1000.0)
+    formats: tuple[str, ...] = Field(min_length=1)
+    max_decode_mb: float = Field(gt=0.0)
+    max_feedback_kb: float = Field(gt=0.0)
+    timeout_request_s: float = Field(gt=0.0)
+    timeout_keep_alive_s: float = Field(gt=0.0)
+    max_connections: int = Field(ge=1)
+    tls: TlsConfig = TlsConfig()
+    cache_dir: Path | None = None
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        from PIL import Image
+
+        Image.init()
+        formats = tuple(name.upper() for name in formats)
+        unknown = sorted(set(formats) - set(Image.OPEN))
+        if unknown:
+            raise ValueError(f"unknown image format(s) {unknown}: Pillow opens {sorted(Image.OPEN)}")
+        return formats
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+    @property
+    def max_decode_bytes(self) -> int:
+        return int(self.max_decode_mb * 2**20)
+
+    @property
+    def max_feedback_bytes(self) -> int:
+        return int(self.max_feedback_kb * 2**10)
 
 
 def default_serve_config() -> ServeConfig:

@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -46,6 +46,7 @@ class ServedModel:
     name: str
     version: str
     model: OnnxClassifier
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # told on /ready: who answers
 
 
 class BadInput(Exception):
@@ -319,7 +320,8 @@ def create_app(
 
     @app.get("/ready", summary="The model is loaded")
     async def ready():
-        return {"ready": True, "model": served.name, "version": served.version, "classes": list(classes), "pid": os.getpid()}
+        return {"ready": True, "model": served.name, "version": served.version, "classes": list(classes), "pid": os.getpid(),
+                "instance": served.instance}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus():
