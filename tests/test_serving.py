@@ -75,7 +75,9 @@ def test_batch_endpoint_answers_each_image_and_flags_bad_ones(server):
         ({"content": png((600, 600), fmt="JPEG"), "headers": {"content-type": "image/jpeg"}}, 413, "image_too_large"),
         ({"content": b"\x00" * 60_000, "headers": {"content-type": "image/png"}}, 413, "body_too_large"),
         ({"files": {"file": ("empty.png", b"", "image/png")}}, 400, "empty_image"),
-        ({"files": {"other": ("a.txt", b"text", "text/plain")}, "data": {"x": "1"}}, 422, "not_an_image"),
+        ({"files": {"file": ("a.txt", b"text", "text/plain")}}, 422, "not_an_image"),
+        ({"files": {"other": ("a.png", png(), "image/png")}}, 400, "no_file"),
+        ({"data": {"file": "not a file"}, "files": {"x": ("a.png", png(), "image/png")}}, 400, "no_file"),
         ({"data": {"x": "1"}, "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400, "bad_multipart"),
     ],
 )

@@ -37,6 +37,7 @@ class ServeConfig(Section):
     batch_max_wait_ms: float = Field(ge=0.0, le=1000.0)
     formats: tuple[str, ...] = Field(min_length=1)
     max_decode_mb: float = Field(gt=0.0)
+    max_bodies_mb: float = Field(gt=0.0)
     max_feedback_kb: float = Field(gt=0.0)
     timeout_request_s: float = Field(gt=0.0)
     timeout_keep_alive_s: float = Field(gt=0.0)
@@ -63,6 +64,10 @@ class ServeConfig(Section):
     @property
     def max_decode_bytes(self) -> int:
         return int(self.max_decode_mb * 2**20)
+
+    @property
+    def max_bodies_bytes(self) -> int:
+        return int(self.max_bodies_mb * 2**20)
 
     @property
     def max_feedback_bytes(self) -> int:

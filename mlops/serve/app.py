@@ -3,13 +3,17 @@
 It needs nothing but the model (class names, input size and normalisation travel in the ONNX
 file) and never unpickles anything. Concurrent requests are batched into one ONNX Runtime call
 (`mlops.serve.batching`). Every request is recorded for monitoring (`mlops.serve.records`).
+
+Every input is hostile until read: bodies are bounded in size and in memory held at once
+(`serve.max_body_mb`, `serve.max_bodies_mb`), images in pixels, formats and decoded bytes
+(`mlops.serve.decoding`), and no error quotes more than a short prefix of what it was sent.
+The OpenAPI document says exactly what the server takes and answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import io
 import logging
 import os
 import time
@@ -17,28 +21,36 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.staticfiles import StaticFiles
 
 from mlops.config import ServeConfig
 from mlops.config.serve import default_serve_config
 from mlops.serve.batching import MicroBatcher
-from mlops.serve.features import image_features
+from mlops.serve.decoding import BadInput, ByteBudget, configure_allocator, decode
+from mlops.serve.features import THUMBNAIL, image_features
 from mlops.serve.inference import OnnxClassifier, image_to_array
 from mlops.serve.records import RecordWriter
 
 log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
+QUOTE = 60  # characters of a client's input an error message may quote back
+DOCS_ASSETS = "/docs/assets"
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")
 
 
 @dataclass(frozen=True)
@@ -49,20 +61,127 @@ class ServedModel:
     instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # told on /ready: who answers
 
 
-class BadInput(Exception):
-    """A client error: HTTP status, a short kind for metrics and records, and what is wrong."""
+def quote(text: str) -> str:
+    return text if len(text) <= QUOTE else f"{text[:QUOTE]}... ({len(text)} characters)"
 
-    def __init__(self, status: int, kind: str, detail: str):
-        super().__init__(detail)
-        self.status, self.kind, self.detail = status, kind, detail
+
+# -- what the API takes and answers (the OpenAPI document) ---------------------------------
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="a short kind, also the `kind` label of mlops_errors_total")
+    detail: str
+    request_id: str | None = Field(default=None, description="set when the request was recorded")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    request_id: str
+    model: ModelRef
+    prediction: str
+    confidence: float
+    probabilities: dict[str, float]
+    latency_ms: float
+
+
+class ImageError(BaseModel):
+    request_id: str
+    error: str
+    detail: str
+
+
+class BatchResult(BaseModel):
+    results: list[Prediction | ImageError] = Field(description="one entry per image, in order")
 
 
 class Feedback(BaseModel):
-    request_id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    label: str
+    model_config = {"extra": "forbid"}
+    request_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="as returned by /predict")
+    label: str = Field(min_length=1, max_length=200, description="the true class: one of the model's classes")
+
+
+class Accepted(BaseModel):
+    accepted: Literal[True]
+    request_id: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    ready: Literal[True]
+    model: str
+    version: str
+    classes: list[str]
+    pid: int
+    instance: str = Field(description="this process's id: tells two servers of one version apart")
+
+
+ERRORS = {
+    400: "Malformed request: empty body, broken multipart, no file part",
+    401: "Missing or wrong bearer token",
+    413: "Over a limit: body size, image pixels, decoded size or images per request",
+    415: "Content type not accepted",
+    422: "Not an image the server reads, or an invalid field",
+    503: "Busy: too much in memory at once; retry",
+}
+
+
+def responses(*statuses: int, ok: type[BaseModel] | None = None) -> dict:
+    documented = {status: {"model": ErrorBody, "description": ERRORS[status]} for status in statuses}
+    return documented | ({200: {"model": ok}} if ok else {})
+
+
+BINARY = {"type": "string", "format": "binary"}
+IMAGE = BINARY | {"minLength": 1}  # an empty body is refused; an empty part of a batch is one error
+RAW_IMAGE = {kind: {"schema": IMAGE} for kind in ("image/jpeg", "image/png", "application/octet-stream")}
+ONE_IMAGE = {"content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"file": IMAGE}, "required": ["file"],
+}}} | RAW_IMAGE, "required": True}
+IMAGES = {"content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"files": {"type": "array", "items": BINARY, "minItems": 1}},
+    "required": ["files"],
+}}}, "required": True}
 
 
 # -- input ---------------------------------------------------------------------------------
+
+
+class BodyBudget:
+    """Request-body bytes held in memory at once; a request waits up to `wait_s` for room."""
+
+    def __init__(self, limit: int, wait_s: float):
+        self.limit, self.wait_s, self.used = limit, wait_s, 0
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, nbytes: int):
+        nbytes = min(nbytes, self.limit)
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.used + nbytes <= self.limit), self.wait_s)
+            except TimeoutError:
+                raise BadInput(503, "busy", "the server holds too many request bodies: retry later") from None
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= nbytes
+                self._changed.notify_all()
+
+
+def body_cost(request: Request, limit: int) -> int:
+    """Memory a request may take while it is read: its declared length (or the limit), twice for
+    multipart (the body and its parts)."""
+    declared = request.headers.get("content-length", "")
+    size = min(int(declared), limit) if declared.isdigit() else limit
+    return size * (2 if request.headers.get("content-type", "").lower().startswith("multipart/") else 1)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -78,52 +197,54 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_images(request: Request, settings: ServeConfig, max_files: int) -> list[tuple[bytes, str]]:
-    """(bytes, content type) of each uploaded image: multipart files or one raw image body."""
+async def read_images(request: Request, settings: ServeConfig, part: str, max_files: int) -> list[tuple[bytes, str]]:
+    """(bytes, content type) of each uploaded image: the multipart files named `part`, or one raw
+    image body."""
     content_type = request.headers.get("content-type", "").lower()
+    if not content_type.startswith(("multipart/form-data", *IMAGE_TYPES)):
+        raise BadInput(
+            415, "unsupported_media_type",
+            f"content type '{quote(content_type) or 'none'}': send multipart/form-data, image/* or application/octet-stream",
+        )
     body = await read_body(request, settings.max_body_bytes)
     if not body:
         raise BadInput(400, "empty_body", "the request body is empty: send an image")
-    if content_type.startswith("multipart/form-data"):
-        async def stream():
-            yield body
-
-        try:
-            parser = MultiPartParser(request.headers, stream(), max_files=max_files + 1, max_part_size=settings.max_body_bytes)
-            form = await parser.parse()
-        except MultiPartException as error:
-            raise BadInput(400, "bad_multipart", str(error)) from None
-        uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-        if not uploads:
-            raise BadInput(400, "no_file", "multipart body has no file part (use -F file=@image.jpg)")
-        if len(uploads) > max_files:
-            raise BadInput(413, "too_many_images", f"{len(uploads)} images, at most {max_files} per request")
-        return [(await upload.read(), upload.content_type or "") for upload in uploads]
-    if content_type.startswith(IMAGE_TYPES):
+    if not content_type.startswith("multipart/form-data"):
         return [(body, content_type)]
-    raise BadInput(
-        415, "unsupported_media_type",
-        f"content type '{content_type or 'none'}': send multipart/form-data, image/* or application/octet-stream",
-    )
+
+    async def stream():
+        yield body
+
+    try:
+        parser = MultiPartParser(request.headers, stream(), max_files=max_files, max_part_size=settings.max_body_bytes)
+        form = await parser.parse()
+    except MultiPartException as error:
+        if str(error).startswith("Too many files"):
+            raise BadInput(413, "too_many_images", f"more than {max_files} image(s) in one request") from None
+        raise BadInput(400, "bad_multipart", quote(str(error))) from None
+    uploads = form.getlist(part)  # other fields are ignored, as the OpenAPI schema allows
+    if not uploads:
+        raise BadInput(400, "no_file", f"multipart body has no part named '{part}' (use -F {part}=@image.jpg)")
+    if not all(isinstance(upload, UploadFile) for upload in uploads):
+        raise BadInput(400, "no_file", f"multipart part '{part}' must be a file (use -F {part}=@image.jpg)")
+    return [(await upload.read(), upload.content_type or "") for upload in uploads]
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    if not data:
-        raise BadInput(400, "empty_image", "the uploaded file is empty")
+def problems(errors: list[dict]) -> str:
+    """Pydantic's errors as `field: what is wrong`; field names are the client's, so quoted short."""
+    return "; ".join(f"{quote('.'.join(map(str, e['loc'])) or 'body')}: {e['msg']}" for e in errors[:5])
+
+
+def parse_feedback(body: bytes, content_type: str, classes: tuple[str, ...]) -> Feedback:
+    if not content_type.lower().startswith("application/json"):
+        raise BadInput(415, "unsupported_media_type", f"content type '{quote(content_type) or 'none'}': send application/json")
     try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise BadInput(422, "not_an_image", "the bytes are not an image format the server reads") from None
-    except Exception as error:  # noqa: BLE001 - any decoder failure is the input's fault
-        raise BadInput(422, "corrupt_image", f"cannot read the image: {error}") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise BadInput(413, "image_too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels}")
-    try:
-        image.load()
-    except Exception as error:  # noqa: BLE001
-        raise BadInput(422, "corrupt_image", f"truncated or corrupt image: {error}") from None
-    return image
+        item = Feedback.model_validate_json(body)
+    except ValidationError as error:
+        raise BadInput(422, "invalid_request", problems(error.errors())) from None
+    if item.label not in classes:
+        raise BadInput(422, "unknown_label", f"label '{quote(item.label)}' is not one of the model's classes {list(classes)}")
+    return item
 
 
 # -- the app -------------------------------------------------------------------------------
@@ -146,28 +267,38 @@ class Metrics:
         info.labels(served.name, served.version).set(1)
 
 
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")
+def bearer(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The credentials of an `Authorization: Bearer ...` header (the scheme in any case), or b""."""
+    value = dict(headers).get(b"authorization", b"")
+    scheme, _, credentials = value.partition(b" ")
+    return credentials.strip() if scheme.lower() == b"bearer" else b""
 
 
 class Observe:
     """ASGI middleware: the bearer token check, and request counts and latency per endpoint.
 
-    Plain ASGI rather than `@app.middleware("http")`, which costs a task and a stream per request.
+    Endpoints are labelled by route: any other path counts as `other`, so no client can grow
+    /metrics. Plain ASGI rather than `@app.middleware("http")`, which costs a task and a stream
+    per request.
     """
 
-    def __init__(self, app, metrics: Metrics, token: str | None):
-        self.app, self.metrics = app, metrics
-        self.expected = f"Bearer {token}".encode() if token is not None else None
+    def __init__(self, app, metrics: Metrics, token: str | None, routes: frozenset[str]):
+        self.app, self.metrics, self.routes = app, metrics, routes
+        self.token = token.encode() if token is not None else None
+
+    def endpoint(self, path: str) -> str:
+        if path in self.routes:
+            return path
+        return DOCS_ASSETS if path.startswith(DOCS_ASSETS + "/") else "other"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, path = time.perf_counter(), scope["path"]
-        if self.expected is not None and path not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+        start, endpoint = time.perf_counter(), self.endpoint(scope["path"])
+        if self.token is not None and endpoint not in OPEN_PATHS and endpoint != DOCS_ASSETS:
+            if not hmac.compare_digest(bearer(scope["headers"]), self.token):
                 self.metrics.errors.labels("unauthorized").inc()
-                self.metrics.requests.labels(path, "401").inc()
+                self.metrics.requests.labels(endpoint, "401").inc()
                 response = JSONResponse(
                     {"error": "unauthorized", "detail": "missing or wrong bearer token"},
                     status_code=401, headers={"WWW-Authenticate": "Bearer"},
@@ -182,8 +313,8 @@ class Observe:
             await send(message)
 
         await self.app(scope, receive, observed)
-        self.metrics.requests.labels(path, str(status)).inc()
-        self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
 def create_app(
@@ -195,9 +326,15 @@ def create_app(
     model, classes = served.model, served.model.spec.classes
     metrics = Metrics(served)
     batcher = MicroBatcher(model, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0, metrics.batch_size.observe)
+    bodies = BodyBudget(settings.max_bodies_bytes, settings.timeout_request_s)
+    decodes = ByteBudget(settings.max_decode_bytes, settings.timeout_request_s)
+    decode_size = max(model.spec.input_size, THUMBNAIL)
+    secured = {"security": [{"bearer": []}]} if token is not None else {}
+    auth = (401,) if token is not None else ()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        configure_allocator()
         batcher.start()
         yield
         await batcher.stop()
@@ -206,21 +343,24 @@ def create_app(
 
     app = FastAPI(
         title="mlops model server",
+        version=served.version,
         description=f"Serves {served.name} version {served.version} ({len(classes)} classes).",
-        lifespan=lifespan,
+        lifespan=lifespan, docs_url=None, redoc_url=None,
     )
 
-    def error(status: int, kind: str, detail: str, request_id: str | None = None) -> JSONResponse:
+    def error(status: int, kind: str, detail: str, request_id: str | None = None, headers=None) -> JSONResponse:
         body = {"error": kind, "detail": detail} | ({"request_id": request_id} if request_id else {})
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, kind, quote(str(exc.detail)), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.errors.labels("invalid_request").inc()
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return error(422, "invalid_request", problems)
-
-    app.add_middleware(Observe, metrics=metrics, token=token)
+        return error(422, "invalid_request", problems(exc.errors()))
 
     def record(request_id: str, endpoint: str, content_type: str, size: int, **fields) -> None:
         if records:
@@ -232,15 +372,16 @@ def create_app(
                     "model": served.name,
                     "model_version": served.version,
                     "endpoint": endpoint,
-                    "content_type": content_type,
+                    "content_type": quote(content_type),
                     "bytes": size,
                 }
                 | fields,
             )
 
     def prepare(data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        image = decode_image(data, settings.max_pixels)
-        return image_to_array(image, model.spec), image_features(image)
+        decoded = decode(data, settings.formats, settings.max_pixels, decodes, decode_size)
+        features = image_features(decoded.image, (decoded.width, decoded.height))
+        return image_to_array(decoded.image, model.spec), features
 
     async def classify(data: bytes, content_type: str, endpoint: str, start: float) -> dict:
         request_id = uuid.uuid4().hex
@@ -268,29 +409,35 @@ def create_app(
             "latency_ms": round(latency_ms, 3),
         }
 
-    async def rejected(request: Request, endpoint: str, bad: BadInput) -> JSONResponse:
-        if not hasattr(bad, "request_id"):  # rejected before any image was read
+    def rejected(request: Request, endpoint: str, bad: BadInput) -> JSONResponse:
+        if bad.request_id is None:  # rejected before any image was read
             bad.request_id = uuid.uuid4().hex
             metrics.errors.labels(bad.kind).inc()
             record(bad.request_id, endpoint, request.headers.get("content-type", ""), 0, status="rejected", error=bad.kind)
-        return error(bad.status, bad.kind, bad.detail, bad.request_id)
+        headers = {"Retry-After": "1"} if bad.status == 503 else None
+        return error(bad.status, bad.kind, bad.detail, bad.request_id, headers)
 
-    @app.post("/predict", summary="Classify one image (multipart `file` or a raw image body)")
+    @app.post(
+        "/predict", summary="Classify one image (multipart `file` or a raw image body)",
+        responses=responses(400, *auth, 413, 415, 422, 503, ok=Prediction),
+        openapi_extra={"requestBody": ONE_IMAGE} | secured,
+    )
     async def predict(request: Request):
         start = time.perf_counter()
         try:
-            ((data, content_type),) = await read_images(request, settings, max_files=1)
-            return await classify(data, content_type, "/predict", start)
+            async with bodies.hold(body_cost(request, settings.max_body_bytes)):
+                ((data, content_type),) = await read_images(request, settings, "file", max_files=1)
+                return await classify(data, content_type, "/predict", start)
         except BadInput as bad:
-            return await rejected(request, "/predict", bad)
+            return rejected(request, "/predict", bad)
 
-    @app.post("/predict/batch", summary="Classify several images (multipart, one part per image)")
+    @app.post(
+        "/predict/batch", summary="Classify several images (multipart, one `files` part per image)",
+        responses=responses(400, *auth, 413, 415, 503, ok=BatchResult),
+        openapi_extra={"requestBody": IMAGES} | secured,
+    )
     async def predict_batch(request: Request):
         start = time.perf_counter()
-        try:
-            images = await read_images(request, settings, max_files=settings.max_batch_images)
-        except BadInput as bad:
-            return await rejected(request, "/predict/batch", bad)
 
         async def one(data: bytes, content_type: str) -> dict:
             try:
@@ -298,13 +445,29 @@ def create_app(
             except BadInput as bad:
                 return {"request_id": bad.request_id, "error": bad.kind, "detail": bad.detail}
 
-        return {"results": await asyncio.gather(*(one(d, t) for d, t in images))}
+        try:
+            async with bodies.hold(body_cost(request, settings.max_body_bytes)):
+                images = await read_images(request, settings, "files", settings.max_batch_images)
+                return {"results": await asyncio.gather(*(one(d, t) for d, t in images))}
+        except BadInput as bad:
+            return rejected(request, "/predict/batch", bad)
 
-    @app.post("/feedback", status_code=202, summary="The true label of an earlier request")
-    async def feedback(item: Feedback):
-        if item.label not in classes:
-            metrics.errors.labels("unknown_label").inc()
-            return error(422, "unknown_label", f"label '{item.label}' is not one of {list(classes)}")
+    feedback_schema = Feedback.model_json_schema()
+    feedback_schema["properties"]["label"]["enum"] = list(classes)
+
+    @app.post(
+        "/feedback", status_code=202, summary="The true label of an earlier request",
+        responses=responses(*auth, 413, 415, 422) | {202: {"model": Accepted, "description": "Recorded"}},
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": feedback_schema}}, "required": True}}
+        | secured,
+    )
+    async def feedback(request: Request):
+        try:
+            body = await read_body(request, settings.max_feedback_bytes)
+            item = parse_feedback(body, request.headers.get("content-type", ""), classes)
+        except BadInput as bad:
+            metrics.errors.labels(bad.kind).inc()
+            return error(bad.status, bad.kind, bad.detail)
         if records:
             records.write(
                 "feedback",
@@ -312,21 +475,46 @@ def create_app(
                  "model": served.name, "model_version": served.version},
             )
         metrics.feedback.inc()
-        return {"accepted": True, "request_id": item.request_id}
+        return JSONResponse({"accepted": True, "request_id": item.request_id}, status_code=202)
 
-    @app.get("/health", summary="The process is alive")
+    @app.get("/health", summary="The process is alive", response_model=Health)
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready", summary="The model is loaded")
+    @app.get("/ready", summary="The model is loaded", response_model=Ready)
     async def ready():
         return {"ready": True, "model": served.name, "version": served.version, "classes": list(classes), "pid": os.getpid(),
                 "instance": served.instance}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse)
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    mount_docs(app)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            if token is not None:
+                schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(Observe, metrics=metrics, token=token, routes=frozenset(r.path for r in app.routes))
     return app
 
 
+def mount_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI's files served from this process (production networks have no CDN)."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=f"{app.title}: API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )

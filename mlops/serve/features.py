@@ -6,13 +6,15 @@ import numpy as np
 from PIL import Image
 
 FEATURES = ("width", "height", "aspect_ratio", "brightness", "contrast", "saturation", "sharpness")
+THUMBNAIL = 64  # px: the side the features are computed at
 
 
-def image_features(image: Image.Image) -> dict[str, float]:
-    """Size, brightness, contrast, saturation and sharpness, on a 64 px thumbnail for speed."""
-    width, height = image.size
+def image_features(image: Image.Image, size: tuple[int, int] | None = None) -> dict[str, float]:
+    """Size (`size`: the original's, when `image` was shrunk), brightness, contrast, saturation
+    and sharpness, on a 64 px thumbnail for speed."""
+    width, height = size or image.size
     small = image.convert("RGB")
-    small.thumbnail((64, 64))
+    small.thumbnail((THUMBNAIL, THUMBNAIL))
     rgb = np.asarray(small, dtype=np.float32) / 255.0
     gray = rgb @ np.asarray([0.299, 0.587, 0.114], np.float32)
     spread = rgb.max(axis=2) - rgb.min(axis=2)
