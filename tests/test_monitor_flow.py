@@ -132,5 +132,6 @@ def test_drift_alerts_once_and_retrains_once(workspace):
     assert len(builds) == 1
     monitor_runs = client.search_runs([client.get_experiment_by_name(f"{MODEL}-monitor").experiment_id])
     assert sum(r.data.tags.get("mlops.retrain", "none") != "none" for r in monitor_runs) == 1
+    assert {r.info.status for r in monitor_runs} == {"FINISHED"}, "a monitor run was left RUNNING"
     report = Path(first.report.removeprefix("file://")).read_text()
     assert "brightness (drifted)" in report or "brightness: reference vs current" in report
