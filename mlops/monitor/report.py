@@ -8,7 +8,7 @@ import base64
 import html
 import io
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -96,6 +96,47 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def window_rule(span: timedelta) -> str:
+    """The width of a plotted time bin: a few dozen to a few hundred bins per window."""
+    seconds = span.total_seconds()
+    return "1min" if seconds <= 3 * 3600 else "15min" if seconds <= 2 * 86400 else "1h"
+
+
+def over_the_window(served: pd.DataFrame, start: datetime, end: datetime) -> pd.DataFrame:
+    """Requests, median latency and mean confidence per bin, every bin from `start` to `end`
+    (no request: a count of 0, no latency or confidence: NaN)."""
+    rule = window_rule(end - start)
+    frame = served.assign(time=pd.to_datetime(served["time"], utc=True, format="ISO8601")).set_index("time")
+    grouped = frame.resample(rule, origin=pd.Timestamp(start))  # bins start at the window's start
+    bins = pd.date_range(pd.Timestamp(start), pd.Timestamp(end), freq=rule, inclusive="left")
+    series = pd.DataFrame({
+        f"requests per {rule}": grouped.size(),
+        "median latency (ms)": grouped["latency_ms"].median(),
+        "mean confidence": grouped["confidence"].mean(),
+    }).reindex(bins)
+    return series.fillna({f"requests per {rule}": 0})
+
+
+def window_figure(traffic: Traffic):
+    """The three series over the window on a time axis spanning it; a point per bin with
+    requests (with markers: a bin between empty ones is a point, not a line)."""
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    series = over_the_window(traffic.served, traffic.start, traffic.end)
+    x = mdates.date2num(series.index.to_pydatetime())
+    fig, axes = plt.subplots(3, 1, figsize=(7, 6), sharex=True)
+    for ax, (title, values) in zip(axes, series.items()):
+        ax.plot(x, values.to_numpy(dtype=float), marker="o", markersize=3)
+        ax.set_title(title)
+    locator = mdates.AutoDateLocator()
+    axes[-1].xaxis.set_major_locator(locator)
+    axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    axes[-1].set_xlim(mdates.date2num(traffic.start), mdates.date2num(traffic.end))
+    axes[-1].set_xlabel("time (UTC)")
+    return fig
+
+
 def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | None, classes: list[str]) -> str:
     """A self-contained page: the checks, reference-vs-current plots of drifted features and
     of predicted-class shares, and requests, latency and confidence over the window."""
@@ -124,15 +165,7 @@ def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | 
         ax.legend()
         images.append(("predicted-class shares", _png(fig)))
     if len(traffic.served):
-        frame = traffic.served.assign(time=pd.to_datetime(traffic.served["time"], format="ISO8601")).set_index("time").sort_index()
-        span = (traffic.end - traffic.start).total_seconds()
-        rule = "1min" if span <= 3 * 3600 else "15min" if span <= 2 * 86400 else "1h"
-        grouped = frame.resample(rule)
-        fig, axes = plt.subplots(3, 1, figsize=(7, 6), sharex=True)
-        grouped.size().plot(ax=axes[0], title=f"requests per {rule}")
-        grouped["latency_ms"].median().plot(ax=axes[1], title="median latency (ms)")
-        grouped["confidence"].mean().plot(ax=axes[2], title="mean confidence")
-        images.append(("over the window", _png(fig)))
+        images.append(("over the window", _png(window_figure(traffic))))
 
     sections = report.to_html()
     if report.feature_drift:
@@ -150,7 +183,7 @@ tr.fail td{{background:#fdd}}tr.skipped td{{color:#888}}figure{{display:inline-b
 <h1>Monitor report: {report.outcome}</h1>
 <p>Model version {report.version}; {report.requests} requests from {report.start:%Y-%m-%d %H:%M:%S} to {report.end:%Y-%m-%d %H:%M:%S} UTC.</p>
 {sections}<h2>plots</h2>{plots or '<p>no traffic to plot</p>'}
-{f'<h2>unreadable records (skipped, left in place)</h2><ul>{unreadable}</ul>' if unreadable else ''}
+{f'<h2>unreadable records: {len(report.unreadable)} skipped, left in place</h2><ul>{unreadable}</ul>' if unreadable else ''}
 </body></html>"""
 
 
