@@ -180,3 +180,73 @@ def test_the_format_allow_list_is_checked_when_the_config_loads(served):
         assert httpx.post(url + "/predict", content=encoded(), headers={"content-type": "image/png"}).status_code == 200
         jpeg = httpx.post(url + "/predict", content=encoded(fmt="JPEG"), headers={"content-type": "image/jpeg"})
         assert jpeg.status_code == 422 and "PNG" in jpeg.json()["detail"]
+
+
+SERVE_FILE = """
+import sys, uvicorn
+from mlops.config.serve import ServeConfig
+from mlops.serve.app import ServedModel, create_app
+from mlops.serve.inference import OnnxClassifier
+settings = ServeConfig.model_validate_json(sys.argv[2])
+app = create_app(ServedModel("pets", "1", OnnxClassifier(sys.argv[1])), settings)
+uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+"""
+
+
+@pytest.mark.slow
+def test_decompression_bombs_stay_under_the_memory_ceiling(tiny_onnx, tmp_path):
+    """Sixteen 40 M-pixel PNGs in two concurrent batches: before the decode budget RSS rose by 2.3 GB
+    and 2.2 GB stayed; now the peak stays under `max_decode_mb` above rest and the memory goes back."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import psutil
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = default_serve_config().model_copy(update={"port": port})
+    server = subprocess.Popen([sys.executable, "-c", SERVE_FILE, str(tiny_onnx), settings.model_dump_json()])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(url + "/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.25)
+        process = psutil.Process(server.pid)
+        httpx.post(url + "/predict", content=encoded(), headers={"content-type": "image/png"})  # warm
+        rest = process.memory_info().rss
+        peak, done = rest, threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, process.memory_info().rss)
+                time.sleep(0.005)
+
+        files = [("files", (f"{i}.png", encoded((6300, 6300), color=(0, 0, 0)), "image/png")) for i in range(8)]
+        results = []
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        senders = [threading.Thread(target=lambda: results.append(httpx.post(url + "/predict/batch", files=files, timeout=120)))
+                   for _ in range(2)]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+        done.set()
+        sampler.join()
+        time.sleep(1)
+        after = process.memory_info().rss
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert [len(r.json()["results"]) for r in results] == [8, 8]
+    assert all("prediction" in item for r in results for item in r.json()["results"])
+    assert (peak - rest) / 2**20 < settings.max_decode_mb + 32, f"peak {peak / 2**20:.0f} MB, at rest {rest / 2**20:.0f} MB"
+    assert (after - rest) / 2**20 < 64, f"{(after - rest) / 2**20:.0f} MB stayed after the attack"
