@@ -47,7 +47,8 @@ def write_records(paths: list[Path], folder: Path, now: datetime) -> float:
         extraction += time.perf_counter() - start
         lines.append(json.dumps({
             "request_id": uuid.uuid4().hex, "time": (now - timedelta(seconds=len(paths) - index)).isoformat(),
-            "model": "image-classifier", "model_version": "1", "endpoint": "/predict", "status": "ok", "content_type": "image/png", "bytes": path.stat().st_size,
+            "model": "image-classifier", "model_version": "1", "endpoint": "/predict", "status": "ok",
+            "content_type": "image/png", "bytes": path.stat().st_size,
             "prediction": path.parent.name, "confidence": float(rng.uniform(0.5, 1.0)), "latency_ms": 3.0, **features,
         }))
     target = hour_file(folder, "requests", now)

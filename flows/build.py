@@ -233,7 +233,9 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
         )
         card = model_card(
             config.mlflow.registered_model, dataset.version, dataset.prepared.counts, asdict(new),
-            report.to_markdown(), {"build run": run_id, "model run": source_run_id, **trace}, reproduce,
+            report.to_markdown(),
+            {"build run": run_id, "model run": source_run_id, "ONNX sha256": registry.onnx_sha256(source_run_id), **trace},
+            reproduce,
         )
         ref, created = register_model(registry, source_run_id, tags, card)
         logger.info("%s %s version %s, alias '%s'", "registered" if created else "reused", ref.name, ref.version,

@@ -91,7 +91,7 @@ def start_server(config: DeployConfig, version: str, blue_green: bool) -> LiveSe
     try:
         processes.wait_ready(server, config.deploy.ready_timeout_s)
     except DeployError:
-        processes.stop_server(server.pid)
+        processes.stop_server(server)
         raise
     get_run_logger().info("version %s ready on %s (pid %d)", version, server.admin_url, server.pid)
     return server
@@ -100,14 +100,15 @@ def start_server(config: DeployConfig, version: str, blue_green: bool) -> LiveSe
 @task(**LOCAL)
 def test_application(config: DeployConfig, server: LiveServer, files, classes: list[str]) -> tuple[app_tests.ApplicationResult, Report]:
     result = app_tests.run_application_tests(
-        server.admin_url, files, classes, config.deploy.app_tests.concurrency, token(config)
+        server.admin_url, files, classes, config.deploy.app_tests.concurrency, token(config), server.verify
     )
     return result, app_tests.application_gate(result, config.deploy.app_tests, config.slo.max_p95_latency_ms)
 
 
 @task(**LOCAL)
-def stop_server(server: LiveServer) -> None:
-    processes.stop_server(server.pid)
+def stop_server(server: LiveServer) -> bool:
+    """Stop the server's process, if it is still that process (a pid can be reused)."""
+    return processes.stop_server(server)
 
 
 @task(**NETWORK)
@@ -162,7 +163,7 @@ def release_version(config: DeployConfig, registry: Registry, plan: Plan, old: L
     files, classes = fetch_test_split(registry, config.dvc, plan.version)
     new = start_server(config, plan.version, blue_green=True)
     try:  # smoke test on the new server alone, before any traffic moves
-        result = app_tests.run_application_tests(new.admin_url, files[:4], classes, 1, token(config))
+        result = app_tests.run_application_tests(new.admin_url, files[:4], classes, 1, token(config), new.verify)
         if result.errors:
             raise DeployError(f"new server answered {result.statuses} to test images")
     except BaseException:
@@ -184,9 +185,11 @@ def stop(config: DeployConfig, live: LiveServer | None) -> DeployResult:
     if live is None:
         get_run_logger().info("no server recorded for %s", config.environment)
         return DeployResult(config.environment, "stop", "", None)
-    stop_server(live)
+    if stop_server(live):
+        get_run_logger().info("stopped version %s on %s (pid %d)", live.version, live.url, live.pid)
+    else:
+        get_run_logger().info("version %s (pid %d) was not running any more: record cleared", live.version, live.pid)
     processes.write_live(config.paths.deploy, None)
-    get_run_logger().info("stopped version %s on %s (pid %d)", live.version, live.url, live.pid)
     return DeployResult(config.environment, "stop", live.version, live.url)
 
 
@@ -206,10 +209,11 @@ def deploy(env: str = "test", overrides: list[str] | None = None) -> DeployResul
     live = processes.read_live(config.paths.deploy)
     if config.action == Action.STOP:
         return stop(config, live)  # a record whose server is gone is cleared too
-    if live is not None and not processes.is_running(live.pid):
+    if live is not None and not processes.is_running(live):
         get_run_logger().warning("recorded server (pid %d, v%s) is not running", live.pid, live.version)
         live = None
-    token(config)  # a missing token stops the run before anything starts
+    token(config)  # a missing token or an incomplete serve.tls stops the run before anything starts
+    processes.tls_cert(config.serve)
     registry = Registry(config.mlflow)
     try:
         plan = release.plan(config.action, read_aliases(registry), live.version if live else None)

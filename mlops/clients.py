@@ -6,6 +6,7 @@ answer with a status (0: no HTTP answer, -1: a 200 that is not a prediction), ne
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,13 +49,22 @@ def predict(client: httpx.Client, url: str, body: bytes, headers: dict[str, str]
         return Reply(-1, latency)
 
 
-def in_threads(jobs: Sequence[T], concurrency: int, timeout_s: float, work: Callable[[httpx.Client, int, T], R]) -> list[R]:
-    """work(client, index, job) for every job, from `concurrency` threads with one client each."""
+def in_threads(
+    jobs: Sequence[T],
+    concurrency: int,
+    timeout_s: float,
+    work: Callable[[httpx.Client, int, T], R],
+    verify: ssl.SSLContext | str | bool = True,
+) -> list[R]:
+    """work(client, index, job) for every job, from `concurrency` threads with one client each.
+
+    `verify`: how an https server's certificate is checked (httpx's argument: a context such as
+    `LiveServer.verify`, a CA bundle file, or True for the system's CAs)."""
     results: list = [None] * len(jobs)
     lock, position = threading.Lock(), iter(range(len(jobs)))
 
     def worker() -> None:
-        with httpx.Client(timeout=timeout_s) as client:
+        with httpx.Client(timeout=timeout_s, verify=verify) as client:
             while True:
                 with lock:
                     index = next(position, None)

@@ -8,7 +8,11 @@ runs tasks in threads).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from mlops.config import MlflowConfig
@@ -27,6 +32,9 @@ REFERENCE_ARTIFACT = "reference"
 ONNX_FILE = "model.onnx"
 TRAIN_KEY_TAG = "mlops.train_key"
 PACKAGED_TAG = "mlops.packaged"
+ONNX_SHA256_TAG = "mlops.onnx_sha256"  # on a packaging run and on its model versions: the ONNX file's sha256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,64 @@ class VersionRef:
     run_id: str
 
 
+class ChecksumMismatch(RuntimeError):
+    """A model file whose sha256 is not the one recorded when its version was registered."""
+
+
 def download_model(client: MlflowClient, run_id: str, dest: Path) -> Path:
     """The ONNX file logged by `run_id`, downloaded under `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
     return Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{ONNX_FILE}", str(dest)))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_model(client: MlflowClient, tracking_uri: str, version: ModelVersion, cache: Path) -> Path:
+    """The ONNX file of a registered `version`, downloaded once into `cache` and verified.
+
+    An entry is keyed by the registry (tracking URI), name, version, run and recorded checksum,
+    so two registries' "v1" never share one. A download goes to a temporary folder beside it
+    and is renamed into place: servers starting at once never read a partial file. Before the
+    file is used its sha256 must equal the one recorded at registration (`mlops.onnx_sha256`):
+    a stored or cached file changed since then raises `ChecksumMismatch`. A version registered
+    before checksums were recorded has none: it is served unverified, with a warning (refusing
+    it would make every older version, and so any rollback to one, unservable).
+    """
+    expected = version.tags.get(ONNX_SHA256_TAG)
+    label = f"{version.name} v{version.version}"
+    if expected is None:
+        log.warning("%s has no recorded checksum (%s; registered before checksums were recorded):"
+                    " serving it unverified", label, ONNX_SHA256_TAG)
+    identity = "\n".join([tracking_uri, version.name, str(version.version), version.run_id, expected or ""])
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    folder = cache / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', version.name)}-v{version.version}-{key}"
+    path = folder / ONNX_FILE
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as temporary:
+            downloaded = download_model(client, version.run_id, Path(temporary))
+            _verify(downloaded, expected, f"the stored model file of {label} (run {version.run_id})")
+            folder.mkdir(exist_ok=True)
+            os.replace(downloaded, path)
+    _verify(path, expected, f"the cached model file of {label}", f"; delete {folder} to download it again")
+    return path
+
+
+def _verify(path: Path, expected: str | None, what: str, hint: str = "") -> None:
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ChecksumMismatch(
+            f"checksum mismatch: {what} ({path}) has sha256 {actual}, but {expected} was recorded at"
+            f" registration ({ONNX_SHA256_TAG}): the file changed after approval, refusing to serve it{hint}"
+        )
 
 
 class Registry:
@@ -116,8 +178,9 @@ class Registry:
 
     # -- models ----------------------------------------------------------------------------
 
-    def log_onnx_model(self, run_id: str, onnx_path: Path, example: np.ndarray, logits: np.ndarray) -> None:
-        """Log the ONNX file in MLflow's ONNX flavour under the run's `model/` artifact path."""
+    def log_onnx_model(self, run_id: str, onnx_path: Path, example: np.ndarray, logits: np.ndarray) -> str:
+        """Log the ONNX file in MLflow's ONNX flavour under the run's `model/` artifact path;
+        returns the logged file's sha256 (also the run's tag `mlops.onnx_sha256`)."""
         import mlflow.onnx
         import onnx
         from mlflow.models import infer_signature
@@ -128,12 +191,24 @@ class Registry:
                 onnx.load(str(onnx_path)), str(target), signature=infer_signature(example, logits),
                 save_as_external_data=False,
             )
+            checksum = sha256_file(target / ONNX_FILE)  # of the file as logged (save_model rewrites it)
             self.client.log_artifacts(run_id, str(target), MODEL_ARTIFACT)
+        self.client.set_tag(run_id, ONNX_SHA256_TAG, checksum)
         self.client.set_tag(run_id, PACKAGED_TAG, "true")
+        return checksum
 
     def download_model(self, run_id: str, dest: Path) -> Path:
         """The ONNX file logged by `run_id`, downloaded under `dest`."""
         return download_model(self.client, run_id, dest)
+
+    def onnx_sha256(self, run_id: str) -> str:
+        """The sha256 of the ONNX file `run_id` logged: its tag, or (a run packaged before
+        checksums were recorded) computed from the stored file now."""
+        tagged = self.client.get_run(run_id).data.tags.get(ONNX_SHA256_TAG)
+        if tagged:
+            return tagged
+        with tempfile.TemporaryDirectory() as tmp:
+            return sha256_file(self.download_model(run_id, Path(tmp)))
 
     def download_reference(self, run_id: str, dest: Path) -> Path | None:
         """The run's monitoring reference folder, or None if it has none (an older version)."""
@@ -178,7 +253,10 @@ class Registry:
             self.client.set_model_version_tag(self.model, version, key, str(value))
 
     def register(self, source_run_id: str, tags: dict[str, object], description: str) -> tuple[VersionRef, bool]:
-        """Register the model of `source_run_id` (or reuse its existing version); returns (version, created)."""
+        """Register the model of `source_run_id` (or reuse its existing version); returns (version, created).
+
+        The version is tagged with the ONNX file's sha256 (`mlops.onnx_sha256`): a server
+        refuses a file that no longer matches it."""
         try:
             self.client.get_registered_model(self.model)
         except MlflowException:
@@ -189,7 +267,7 @@ class Registry:
         else:
             source = f"{self.artifact_uri(source_run_id)}/{MODEL_ARTIFACT}"
             version, created = self.client.create_model_version(self.model, source, run_id=source_run_id), True
-        self.tag_version(str(version.version), tags)
+        self.tag_version(str(version.version), tags | {ONNX_SHA256_TAG: self.onnx_sha256(source_run_id)})
         self.client.update_model_version(self.model, version.version, description=description)
         return VersionRef(self.model, str(version.version), source_run_id), created
 

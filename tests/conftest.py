@@ -88,19 +88,28 @@ def tiny_onnx(tmp_path_factory) -> Path:
 
 
 class LiveApp:
-    """An ASGI app served by uvicorn on a free port of 127.0.0.1 in a thread: `with LiveApp(app) as url:`."""
+    """An ASGI app served by uvicorn on a free port of 127.0.0.1 in a thread: `with LiveApp(app) as url:`.
 
-    def __init__(self, app, timeout_s: float = 20.0):
+    With `settings` (a ServeConfig), uvicorn is configured as `python -m mlops.serve` configures
+    it (timeouts, connection cap, TLS; `http`: its protocol implementation); `verify` is what
+    the readiness check passes to httpx for an https server.
+    """
+
+    def __init__(self, app, timeout_s: float = 20.0, settings=None, http: str = "httptools", verify=True):
         import threading
 
         import uvicorn
 
-        from mlops.serve.server import bind
+        from mlops.serve.server import bind, uvicorn_config
 
-        self.timeout_s = timeout_s
+        self.timeout_s, self.verify = timeout_s, verify
         self.sock = bind("127.0.0.1", 0, reuse_port=False)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        if settings is None:
+            config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        else:
+            config = uvicorn_config(app, settings, http)
+        self.url = f"{'https' if config.is_ssl else 'http'}://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:
@@ -112,7 +121,7 @@ class LiveApp:
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1, verify=self.verify).status_code == 200:
                     return self.url
             except httpx.TransportError:
                 pass
@@ -125,6 +134,57 @@ class LiveApp:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+def register_tiny(onnx_path: Path, workspace: Path, name: str = "image-classifier") -> tuple[str, str]:
+    """`onnx_path` logged and registered as the build flow does (checksum included) as a new
+    version of `name` in the sqlite MLflow store under `workspace`: (tracking URI, version)."""
+    from mlops.config import MlflowConfig
+    from mlops.registry import Registry
+    from mlops.serve.inference import OnnxClassifier
+
+    workspace.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    registry = Registry(MlflowConfig(
+        tracking_uri=uri, experiment=name, monitor_experiment=f"{name}-monitor", registered_model=name,
+        candidate_alias="candidate", approved_alias="approved", production_alias="production", previous_alias="previous",
+    ))
+    model = OnnxClassifier(onnx_path)
+    example = np.zeros((1, 3, model.spec.input_size, model.spec.input_size), np.float32)
+    with registry.run("tiny", {}) as run_id:
+        registry.log_onnx_model(run_id, onnx_path, example, model.logits(example))
+    ref, _ = registry.register(run_id, {}, "a tiny test model")
+    return uri, ref.version
+
+
+def self_signed(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for `host` (an IP address) and its key, PEM files: (cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+    return cert_path, key_path
 
 
 class Receiver:

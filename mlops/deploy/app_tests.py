@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,21 @@ class ApplicationResult:
 
 
 def run_application_tests(
-    url: str, files: list[tuple[Path, int]], classes: list[str], concurrency: int, token: str | None = None
+    url: str,
+    files: list[tuple[Path, int]],
+    classes: list[str],
+    concurrency: int,
+    token: str | None = None,
+    verify: ssl.SSLContext | str | bool = True,
 ) -> ApplicationResult:
-    """Send every image as a client would (raw bytes to POST /predict) and score the answers."""
+    """Send every image as a client would (raw bytes to POST /predict) and score the answers.
+
+    `verify`: how an https server's certificate is checked (`LiveServer.verify`)."""
     headers = auth_headers(token)
     started = time.perf_counter()
-    replies = in_threads(files, concurrency, 30.0, lambda client, _, item: predict(client, url, item[0].read_bytes(), headers))
+    replies = in_threads(
+        files, concurrency, 30.0, lambda client, _, item: predict(client, url, item[0].read_bytes(), headers), verify
+    )
     elapsed = time.perf_counter() - started
 
     index = {name: i for i, name in enumerate(classes)}

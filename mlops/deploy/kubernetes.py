@@ -1,21 +1,29 @@
-"""Kubernetes: the model server of a version as a Deployment and a Service (rendered, not applied)."""
+"""Kubernetes: the model server of a version as a Deployment, a Service and an Ingress (rendered, not applied).
+
+TLS ends at the Ingress: clients reach it over https with the certificate of the Secret
+`<model>-server-tls` (type kubernetes.io/tls, created by you: `kubectl create secret tls`); from
+there to the pods traffic stays inside the cluster, in plain http. `serve.tls` (files on this
+machine) applies to local servers only.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
 
 from mlops.config import DeployConfig
+from mlops.config.serve import TlsConfig
 from mlops.deploy.processes import server_command
 
 
 def render_manifests(config: DeployConfig, version: str) -> list[dict]:
-    """A Deployment and a Service for the model server of `version`, from `deploy.kubernetes`."""
+    """A Deployment, a Service and a TLS Ingress for the model server of `version`, from `deploy.kubernetes`."""
     k8s, serve = config.deploy.kubernetes, config.serve
     name = f"{config.mlflow.registered_model}-server"
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "mlops-flows", "mlops/environment": config.environment}
-    in_pod = serve.model_copy(update={"host": "0.0.0.0", "port": 8000})
+    in_pod = serve.model_copy(update={"host": "0.0.0.0", "port": 8000, "tls": TlsConfig(), "cache_dir": None})
     records = config.records.model_copy(update={"dir": Path("/var/lib/mlops/records")})
     command = server_command(in_pod, records, "$(MLFLOW_TRACKING_URI)", config.mlflow.registered_model, version)
     command[0] = "python"
@@ -61,7 +69,22 @@ def render_manifests(config: DeployConfig, version: str) -> list[dict]:
         "metadata": metadata,
         "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
     }
-    return [deployment, service]
+    ingress = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": metadata | {"annotations": {
+            # ingress-nginx: https only, and bodies as large as the server accepts (its default is 1m)
+            "nginx.ingress.kubernetes.io/ssl-redirect": "true",
+            "nginx.ingress.kubernetes.io/proxy-body-size": f"{math.ceil(serve.max_body_mb)}m",
+        }},
+        "spec": {
+            "tls": [{"secretName": f"{name}-tls"}],
+            "rules": [{"http": {"paths": [{
+                "path": "/", "pathType": "Prefix", "backend": {"service": {"name": name, "port": {"name": "http"}}},
+            }]}}],
+        },
+    }
+    return [deployment, service, ingress]
 
 
 class _PlainDumper(yaml.SafeDumper):

@@ -4,17 +4,24 @@ A release is blue-green on one port: the new server binds the public port with S
 beside the old one plus a private admin port; it is checked on the admin port, then the old
 server is stopped (graceful: it finishes what it has), so traffic moves without a gap. If the
 new server fails at any point it is stopped and the old one never noticed.
+
+A server is known by more than its pid, which the system reuses: the live record keeps its
+process's create time and the instance id it was started with (`--instance-id`, reported on
+/ready), and nothing is signalled unless both still match.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,8 +30,12 @@ import httpx
 import psutil
 
 from mlops.config import DeployConfig, RecordsConfig, ServeConfig
+from mlops.serve.server import ServerError, tls_files
 
 LIVE_FILE = "live.json"
+CREATE_TIME_SLACK_S = 1.0  # the boot time psutil adds to a start time can move by a second
+
+log = logging.getLogger(__name__)
 
 
 class DeployError(RuntimeError):
@@ -41,14 +52,39 @@ class LiveServer:
     admin_port: int | None
     log: str
     started: str
+    create_time: float | None = None  # of the process (psutil): with `instance`, who `pid` is
+    instance: str | None = None  # the id passed as --instance-id and reported on /ready
+    tls_cert: str | None = None  # https: the certificate the server presents, which its clients trust
+
+    @property
+    def identified(self) -> bool:
+        """False for a record written before create time and instance were kept."""
+        return self.create_time is not None and self.instance is not None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def admin_url(self) -> str:
-        return f"http://{self.host}:{self.admin_port or self.port}"
+        return f"{self.scheme}://{self.host}:{self.admin_port or self.port}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client of this server passes as `verify`."""
+        return trusting(self.tls_cert) if self.tls_cert else True
+
+
+def trusting(cert_file: str) -> ssl.SSLContext:
+    """A client context that trusts this certificate (self-signed, or a chain a CA issued) and no
+    other: the deploy flow talks to the server it started and pins its certificate."""
+    context = ssl.create_default_context(cafile=cert_file)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a leaf or intermediate as the anchor
+    return context
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -68,6 +104,8 @@ def server_command(
     version: str,
     admin_port: int | None = None,
     reuse_port: bool = False,
+    cache_dir: Path | None = None,
+    instance: str | None = None,
 ) -> list[str]:
     """`python -m mlops.serve` for `version`, its settings passed as JSON (validated again there)."""
     command = [
@@ -83,7 +121,21 @@ def server_command(
         command += ["--admin-port", str(admin_port)]
     if reuse_port:
         command.append("--reuse-port")
+    if cache_dir is not None:
+        command += ["--cache-dir", str(cache_dir)]
+    if instance is not None:
+        command += ["--instance-id", instance]
     return command
+
+
+def tls_cert(serve: ServeConfig) -> str | None:
+    """The certificate file a server with these settings presents (None: plain http); a
+    DeployError when `serve.tls` is incomplete or names what cannot be read."""
+    try:
+        files = tls_files(serve.tls)
+    except ServerError as error:
+        raise DeployError(str(error)) from None
+    return str(files[0]) if files else None
 
 
 def start_server(config: DeployConfig, version: str, blue_green: bool) -> LiveServer:
@@ -93,9 +145,13 @@ def start_server(config: DeployConfig, version: str, blue_green: bool) -> LiveSe
     port, where the new server is checked before any traffic reaches it.
     """
     serve = config.serve
+    cert = tls_cert(serve)
     admin = free_port(serve.host) if blue_green else None
+    instance = uuid.uuid4().hex
+    cache = serve.cache_dir or config.paths.deploy / "models"
     command = server_command(
-        serve, config.records, config.mlflow.tracking_uri, config.mlflow.registered_model, version, admin, blue_green
+        serve, config.records, config.mlflow.tracking_uri, config.mlflow.registered_model, version, admin, blue_green,
+        cache, instance,
     )
     logs = config.paths.deploy / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -107,22 +163,30 @@ def start_server(config: DeployConfig, version: str, blue_green: bool) -> LiveSe
         )
     return LiveServer(
         process.pid, config.mlflow.registered_model, version, serve.host, serve.port, admin, str(log_path),
-        started.isoformat(),
+        started.isoformat(), _create_time(process.pid), instance, cert,
     )
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None  # gone already: wait_ready says so, with its log
 
 
 def wait_ready(server: LiveServer, timeout_s: float) -> dict:
     """Poll /ready (on the admin port if there is one) until our process answers it.
 
-    The pid check matters: another server may hold the port, and its answer is not ours.
+    The instance check matters: another server may hold the port, and its answer is not ours.
     """
     deadline = time.monotonic() + timeout_s
+    verify = server.verify
     while time.monotonic() < deadline:
         if not _alive(server.pid):
             raise DeployError(f"server for version {server.version} exited before it was ready:\n{log_tail(server)}")
         try:
-            answer = httpx.get(server.admin_url + "/ready", timeout=2)
-            if answer.status_code == 200 and answer.json().get("pid") == server.pid:
+            answer = httpx.get(server.admin_url + "/ready", timeout=2, verify=verify)
+            if answer.status_code == 200 and _answered_by(server, answer.json()):
                 return answer.json()
         except (httpx.TransportError, ValueError):
             pass
@@ -149,30 +213,52 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def is_running(pid: int) -> bool:
-    """True for a live (not zombie) model-server process with this pid."""
+def _answered_by(server: LiveServer, ready: dict) -> bool:
+    if server.instance is not None:
+        return ready.get("instance") == server.instance
+    return ready.get("pid") == server.pid
+
+
+def is_running(server: LiveServer | int) -> bool:
+    """True while `server`'s process lives: a model server, not a zombie, with the recorded create
+    time and instance id. Given a bare pid, or a record without them (written before they were
+    kept: identity unknown), any model-server process with that pid counts."""
+    pid = server if isinstance(server, int) else server.pid
     try:
         process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and "mlops.serve" in " ".join(process.cmdline())
+        command = process.cmdline()
+        if process.status() == psutil.STATUS_ZOMBIE or "mlops.serve" not in " ".join(command):
+            return False
+        if isinstance(server, LiveServer) and server.identified:
+            same_start = abs(process.create_time() - server.create_time) < CREATE_TIME_SLACK_S
+            return same_start and server.instance in command
+        return True
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
 
-def stop_server(pid: int, timeout_s: float = 20.0) -> None:
-    """SIGTERM (uvicorn drains open requests), then SIGKILL after `timeout_s`."""
-    if not is_running(pid):
+def stop_server(server: LiveServer | int, timeout_s: float = 20.0) -> bool:
+    """SIGTERM (uvicorn drains open requests), then SIGKILL after `timeout_s`.
+
+    Only the process `is_running` recognises is signalled: a pid that now belongs to another
+    process, even another model server, is left alone. True when a server was stopped.
+    """
+    pid = server if isinstance(server, int) else server.pid
+    if not is_running(server):
         _reap(pid)
-        return
+        return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         _reap(pid)
-        if not is_running(pid):
-            return
+        if not is_running(server):
+            return True
         time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    if is_running(server):
+        os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
     _reap(pid)
+    return True
 
 
 def _reap(pid: int) -> None:
@@ -186,7 +272,11 @@ def read_live(state_dir: Path) -> LiveServer | None:
     path = state_dir / LIVE_FILE
     if not path.exists():
         return None
-    return LiveServer(**json.loads(path.read_text()))
+    server = LiveServer(**json.loads(path.read_text()))
+    if not server.identified:
+        log.warning("%s (pid %d) was written before servers were identified by create time and instance:"
+                    " identity unknown, any model server with that pid is taken for it", path, server.pid)
+    return server
 
 
 def write_live(state_dir: Path, server: LiveServer | None) -> None:

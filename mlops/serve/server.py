@@ -4,38 +4,64 @@
         --model image-classifier --alias candidate [--port 8000]
 
 Limits and batching come from `--settings` (the `serve` section as JSON, which the deploy flow
-passes) or else from `conf/serve/default.yaml`; `--host`/`--port` override them.
+passes) or else from `conf/serve/default.yaml`; `--host`/`--port` override them. With
+`serve.tls` set it serves https only.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import errno
+import functools
 import logging
+import os
 import socket
+import ssl
 import sys
 import tempfile
 from pathlib import Path
 
 from pydantic import ValidationError
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mlops.config import RecordsConfig, ServeConfig, secret
-from mlops.config.serve import default_serve_config
-from mlops.registry import download_model
+from mlops.config.serve import TlsConfig, default_serve_config
+from mlops.registry import cached_model
 from mlops.serve.app import ServedModel, create_app
 from mlops.serve.inference import OnnxClassifier
 from mlops.serve.records import RecordWriter
 
 log = logging.getLogger(__name__)
 
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers (h11's own default; httptools has no limit)
+
+
+class ServerError(Exception):
+    """Why the server cannot start, in one line for the person who started it."""
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Per user, so that no other account can put a file where this server reads its models."""
+    return Path(tempfile.gettempdir()) / f"mlops-serving-{os.getuid()}"
+
 
 def load_served(tracking_uri: str, name: str, alias: str | None, version: str | None, cache: Path) -> ServedModel:
-    """Download the ONNX file of a registered version (by alias or number) and open it."""
+    """The ONNX file of a registered version (by alias or number), verified and opened."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri, tracking_uri)
     found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    path = download_model(client, found.run_id, cache / f"{name}-v{found.version}")
+    path = cached_model(client, tracking_uri, found, cache)
     return ServedModel(name, str(found.version), OnnxClassifier(path))
+
+
+# -- sockets, TLS, HTTP ----------------------------------------------------------------------
 
 
 def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -46,6 +72,158 @@ def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
+
+
+def listen_on(host: str, port: int, reuse_port: bool, setting: str) -> socket.socket:
+    """`bind`, or a ServerError naming the address and the setting that chose it."""
+    try:
+        return bind(host, port, reuse_port)
+    except OSError as error:
+        reason = "address already in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error)).lower()
+        raise ServerError(f"cannot listen on {host}:{port}: {reason} ({setting})") from None
+
+
+def tls_files(tls: TlsConfig) -> tuple[Path, Path] | None:
+    """The certificate chain and key files of `serve.tls`, each from its path or from the variable
+    its `*_env` names; None when neither is set (plain http). Raises ServerError when only one
+    is set, a variable is unset or a file cannot be read."""
+    found = {}
+    for part in ("cert_file", "key_file"):
+        path, variable = getattr(tls, part), getattr(tls, f"{part}_env")
+        if path and variable:
+            raise ServerError(f"serve.tls: {part} and {part}_env are both set (set one of them)")
+        try:
+            value = path or secret(variable)
+        except ValueError:
+            raise ServerError(f"serve.tls.{part}_env: the variable {variable} is not set or empty") from None
+        found[part] = Path(value).expanduser() if value else None
+    if not any(found.values()):
+        return None
+    missing = [part for part, path in found.items() if path is None]
+    if missing:
+        raise ServerError(f"serve.tls: {missing[0]} is not set (https needs both cert_file and key_file, or neither)")
+    for part, path in found.items():
+        try:
+            path.read_bytes()
+        except OSError as error:
+            raise ServerError(f"serve.tls.{part}: cannot read {path}: {error.strerror or error}") from None
+    return found["cert_file"], found["key_file"]
+
+
+def check_tls(tls: TlsConfig) -> tuple[Path, Path] | None:
+    """`tls_files`, and that they load as a certificate chain and its private key."""
+    files = tls_files(tls)
+    if files is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(*files)
+        except (ssl.SSLError, OSError) as error:
+            raise ServerError(f"serve.tls: cannot use certificate {files[0]} with key {files[1]}: {error}") from None
+    return files
+
+
+class RequestTimeout:
+    """Mixed into uvicorn's HTTP protocol: each request's line, headers and body must arrive within
+    `timeout_s` of its first byte (for a connection's first request: of the connection), and
+    its line and headers must fit in MAX_HEADER_BYTES; else the connection is closed, with a
+    408 (431) when nothing was answered yet.
+
+    uvicorn itself only closes keep-alive connections idle between requests: a client that sends
+    half a request keeps its connection, and a slot of `limit_concurrency`, for ever. The timer
+    runs while a request is being read and stops once its body is complete; between requests
+    uvicorn's keep-alive timer is in charge.
+    """
+
+    def __init__(self, *args, timeout_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request_timeout_s = timeout_s
+        self.request_timer: asyncio.TimerHandle | None = None
+        self.cycle_before = None  # the cycle that was current when the request being read began
+        self.header_bytes = 0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._start_timer()
+
+    def data_received(self, data: bytes) -> None:
+        answering = self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete
+        if self.request_timer is None and not answering:  # the first bytes of a new request
+            self._start_timer()
+        super().data_received(data)
+        if self.request_timer is None:
+            return
+        if self.cycle is None or self.cycle is self.cycle_before:  # its line and headers are incomplete
+            self.header_bytes += len(data)
+            if self.header_bytes > MAX_HEADER_BYTES:
+                self._close(431, "Request Header Fields Too Large")
+        elif not self.cycle.more_body:  # all of it arrived
+            self._stop_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def _start_timer(self) -> None:
+        # a cycle still waiting for its body (pipelined, begun while another was answered) is the
+        # request being read; otherwise the request being read has no cycle yet
+        waiting = self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete
+        self.cycle_before = None if waiting else self.cycle
+        self.header_bytes = 0
+        self.request_timer = self.loop.call_later(self.request_timeout_s, self._close, 408, "Request Timeout")
+
+    def _stop_timer(self) -> None:
+        if self.request_timer is not None:
+            self.request_timer.cancel()
+            self.request_timer = None
+
+    def _close(self, status: int, reason: str) -> None:
+        self._stop_timer()
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle is self.cycle_before or not self.cycle.response_started:
+            self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".encode())
+        self.transport.close()
+
+
+class TimedHttpToolsProtocol(RequestTimeout, HttpToolsProtocol):
+    pass
+
+
+class TimedH11Protocol(RequestTimeout, H11Protocol):
+    pass
+
+
+HTTP_PROTOCOLS = {"httptools": TimedHttpToolsProtocol, "h11": TimedH11Protocol}
+
+
+def uvicorn_config(app, settings: ServeConfig, http: str = "httptools"):
+    """uvicorn's settings for `app`: the timeouts, the connection cap and TLS of `settings`.
+
+    Connections beyond `max_connections` are answered 503; the request and keep-alive timeouts
+    bound how long a slow or idle client holds one."""
+    import uvicorn
+
+    tls = check_tls(settings.tls)
+    return uvicorn.Config(
+        app,
+        http=functools.partial(HTTP_PROTOCOLS[http], timeout_s=settings.timeout_request_s),
+        timeout_keep_alive=settings.timeout_keep_alive_s,
+        limit_concurrency=settings.max_connections,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        ssl_certfile=str(tls[0]) if tls else None,
+        ssl_keyfile=str(tls[1]) if tls else None,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def instance_id(value: str) -> str:
+    if not value or len(value) > 64 or not value.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"'{value}' is not an instance id (up to 64 of A-Z a-z 0-9 _ -)")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="override the settings' port")
     parser.add_argument("--admin-port", type=int, help="also listen here, alone (deploy checks a new server on it)")
     parser.add_argument("--reuse-port", action="store_true", help="share --port with the server being replaced")
-    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "mlops-serving")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="where model files are kept (default: serve.cache_dir, else a per-user temporary folder)")
+    parser.add_argument("--instance-id", type=instance_id, help="reported on /ready (the deploy flow's name for this process)")
     return parser.parse_args(argv)
 
 
@@ -85,17 +265,25 @@ def main(argv: list[str] | None = None) -> None:
         token = secret(settings.token_env)
     except ValueError:
         sys.exit(f"error: serve.token_env {settings.token_env}: the variable is not set or empty")
+    try:  # what can be checked in a moment, before the model is downloaded
+        check_tls(settings.tls)
+        sockets = [listen_on(settings.host, settings.port, args.reuse_port, "serve.port")]
+        if args.admin_port:
+            sockets.append(listen_on(settings.host, args.admin_port, False, "--admin-port"))
+    except ServerError as error:
+        sys.exit(f"error: {error}")
+    cache = args.cache_dir or settings.cache_dir or default_cache_dir()
     try:
-        served = load_served(args.tracking_uri, args.model, args.alias, args.version, args.cache_dir)
+        served = load_served(args.tracking_uri, args.model, args.alias, args.version, cache)
     except Exception as error:  # noqa: BLE001 - report why the model cannot be served, then exit
         sys.exit(f"error: cannot load {args.model} ({args.alias or args.version}): {type(error).__name__}: {error}")
+    if args.instance_id:
+        served = dataclasses.replace(served, instance=args.instance_id)
     records = None
     if records_config is not None:
         records = RecordWriter(records_config.dir, records_config.max_mb, records_config.max_age_days)
     app = create_app(served, settings, token, records)
-    sockets = [bind(settings.host, settings.port, args.reuse_port)]
-    if args.admin_port:
-        sockets.append(bind(settings.host, args.admin_port, False))
-    log.info("serving %s v%s on %s:%s", served.name, served.version, settings.host, settings.port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    config = uvicorn_config(app, settings)
+    scheme = "https" if config.is_ssl else "http"
+    log.info("serving %s v%s on %s://%s:%s", served.name, served.version, scheme, settings.host, settings.port)
     uvicorn.Server(config).run(sockets=sockets)
