@@ -33,7 +33,7 @@ def test_manifests_are_valid_kubernetes_and_carry_the_config(production, tmp_pat
     path = kubernetes.write_manifests(documents, tmp_path / "k8s" / "model-server.yaml")
     assert "&id" not in path.read_text()
 
-    manifest, service = documents
+    manifest, service, ingress = documents
     spec = manifest["spec"]
     container = spec["template"]["spec"]["containers"][0]
     assert spec["replicas"] == 3
@@ -46,6 +46,21 @@ def test_manifests_are_valid_kubernetes_and_carry_the_config(production, tmp_pat
     assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.internal:5000"
     assert env["MLOPS_API_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "model-server-token"
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+    # TLS ends at the Ingress, with the certificate of a kubernetes.io/tls Secret
+    assert ingress["kind"] == "Ingress" and ingress["spec"]["tls"] == [{"secretName": "image-classifier-server-tls"}]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": "http"}}
+
+
+
+def test_local_tls_files_stay_out_of_the_pods(production):
+    from mlops.config.serve import TlsConfig
+
+    local_tls = TlsConfig(cert_file="/etc/here/cert.pem", key_file="/etc/here/key.pem")
+    config = production.model_copy(update={"serve": production.serve.model_copy(update={"tls": local_tls})})
+    deployment, _, ingress = kubernetes.render_manifests(config, "3")
+    command = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert "/etc/here" not in command and ingress["spec"]["tls"]  # TLS is the Ingress's job there
 
 
 def test_an_invalid_manifest_is_caught_by_the_validator(production):

@@ -130,14 +130,15 @@ class RequestTimeout:
     uvicorn itself only closes keep-alive connections idle between requests: a client that sends
     half a request keeps its connection, and a slot of `limit_concurrency`, for ever. The timer
     runs while a request is being read and stops once its body is complete; between requests
-    uvicorn's keep-alive timer is in charge.
+    uvicorn's keep-alive timer is in charge (also of a pipelined request whose headers are
+    incomplete when the one before is answered).
     """
 
     def __init__(self, *args, timeout_s: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.request_timeout_s = timeout_s
         self.request_timer: asyncio.TimerHandle | None = None
-        self.cycle_before = None  # the cycle that was current when the request being read began
+        self.cycle_before = None  # the current cycle when the request being read began, if not its own
         self.header_bytes = 0
 
     def connection_made(self, transport) -> None:
@@ -150,23 +151,32 @@ class RequestTimeout:
             self._start_timer()
         super().data_received(data)
         if self.request_timer is None:
-            return
-        if self.cycle is None or self.cycle is self.cycle_before:  # its line and headers are incomplete
+            self._time_unwatched_body()
+        elif self.cycle is None or self.cycle is self.cycle_before:  # its line and headers are incomplete
             self.header_bytes += len(data)
             if self.header_bytes > MAX_HEADER_BYTES:
                 self._close(431, "Request Header Fields Too Large")
         elif not self.cycle.more_body:  # all of it arrived
             self._stop_timer()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may begin a pipelined request
+        self._time_unwatched_body()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
         super().connection_lost(exc)
 
+    def _reading_body(self) -> bool:
+        return self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete
+
+    def _time_unwatched_body(self) -> None:
+        """A request parsed while another was answered and still missing body: time it from now."""
+        if self.request_timer is None and self._reading_body():
+            self._start_timer()
+
     def _start_timer(self) -> None:
-        # a cycle still waiting for its body (pipelined, begun while another was answered) is the
-        # request being read; otherwise the request being read has no cycle yet
-        waiting = self.cycle is not None and self.cycle.more_body and not self.cycle.response_complete
-        self.cycle_before = None if waiting else self.cycle
+        self.cycle_before = None if self._reading_body() else self.cycle
         self.header_bytes = 0
         self.request_timer = self.loop.call_later(self.request_timeout_s, self._close, 408, "Request Timeout")
 
