@@ -82,9 +82,10 @@ def demo(
         prepared = dataset_of(Registry(config.mlflow).version_tags(released.version), config.dvc)
         images = [(path, prepared.classes[label]) for path, label in prepared.files("test")]
         token = os.environ["MLOPS_API_TOKEN"]
-        clean = traffic.replay(released.url, images, feedback_share=0.5, token=token)
+        verify = processes.read_live(config.paths.deploy).verify  # https when serve.tls is set
+        clean = traffic.replay(released.url, images, feedback_share=0.5, token=token, verify=verify)
         drifted = traffic.replay(released.url, images, requests=2 * len(images), drift="brightness",
-                                 feedback_share=0.5, token=token, seed=1)
+                                 feedback_share=0.5, token=token, seed=1, verify=verify)
         summary["traffic"] = f"{clean.summary()} | drifted: {drifted.summary()}"
         time.sleep(1.5)  # the server flushes its records every second
 
@@ -104,7 +105,7 @@ def demo(
             for env in ("test", "production"):
                 live = processes.read_live(root / "deploy" / env)
                 if live is not None:
-                    processes.stop_server(live.pid)
+                    processes.stop_server(live)
                     processes.write_live(root / "deploy" / env, None)
     for stage, outcome in summary.items():
         logger.info("%-26s %s", stage, outcome)

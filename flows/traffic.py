@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         sys.exit(f"error: {error}")
     live = processes.read_live(config.paths.deploy)
-    if live is None or not processes.is_running(live.pid):
+    if live is None or not processes.is_running(live):
         sys.exit(f"error: no server is live in {env} (start one with python -m flows.deploy env={env})")
     prepared = dataset_of(Registry(config.mlflow).version_tags(live.version), config.dvc)
     try:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             live.url, traffic.load_images(prepared.path / "test"), requests=options.get("requests"),
             drift=options.get("drift", "none"), strength=options.get("strength", 0.8),
             feedback_share=options.get("feedback", 0.0), concurrency=options.get("concurrency", 4),
-            token=token, seed=options.get("seed", 0), class_mix_target=options.get("target"),
+            token=token, seed=options.get("seed", 0), class_mix_target=options.get("target"), verify=live.verify,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import ssl
 import sys
 import time
 from collections import Counter
@@ -176,11 +177,13 @@ def replay(
     seed: int = 0,
     class_mix_target: str | None = None,
     timeout_s: float = 30.0,
+    verify: ssl.SSLContext | str | bool = True,
 ) -> ReplayResult:
     """Send the picked images (see `pick_images`) to `POST {url}/predict`, corrupted by `drift`.
 
     Then `POST {url}/feedback` the true label of round(feedback_share x ok) answered requests,
-    chosen from `seed`. Failures are counted, never raised.
+    chosen from `seed`. Failures are counted, never raised. `verify`: an https server's
+    certificate check (httpx's argument, e.g. `LiveServer.verify`).
     """
     if not 0.0 <= feedback_share <= 1.0:
         raise ValueError(f"feedback_share {feedback_share} is outside [0, 1]")
@@ -211,11 +214,11 @@ def replay(
             answer.feedback = False
 
     started = time.perf_counter()
-    answers = in_threads(picked, concurrency, timeout_s, send)
+    answers = in_threads(picked, concurrency, timeout_s, send, verify)
     ok = [a for a in answers if a.status == 200 and a.request_id and a.prediction is not None]
     chosen = round(feedback_share * len(ok))
     labelled = [ok[i] for i in sorted(np.random.default_rng([seed, 1]).permutation(len(ok))[:chosen])]
-    in_threads(labelled, concurrency, timeout_s, feedback)
+    in_threads(labelled, concurrency, timeout_s, feedback, verify)
     elapsed = time.perf_counter() - started
 
     return ReplayResult(
@@ -265,6 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class-mix-target", help="with --drift class_mix: the over-represented class (default: first)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP call (default 30)")
+    parser.add_argument("--cacert", help="https: trust this CA bundle or certificate file (default: the system's CAs)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a summary line")
     return parser.parse_args(argv)
 
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         result = replay(
             args.url, images, requests=args.requests, drift=args.drift, strength=args.strength,
             feedback_share=args.feedback_share, concurrency=args.concurrency, token=token, seed=args.seed,
-            class_mix_target=args.class_mix_target, timeout_s=args.timeout,
+            class_mix_target=args.class_mix_target, timeout_s=args.timeout, verify=args.cacert or True,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")

@@ -149,3 +149,11 @@ def test_bearer_token_is_required_when_configured(tiny_onnx, tmp_path):
         right = httpx.post(url + "/predict", content=png(), headers={"content-type": "image/png", "authorization": f"Bearer {TOKEN}"})
         assert right.status_code == 200
         assert httpx.get(url + "/ready").status_code == 200  # probes stay open
+
+
+def test_one_app_can_be_served_twice_in_turn(tiny_onnx):
+    """Its queues and budgets bind to the event loop serving it, not to the one it was created near."""
+    app = create_app(ServedModel("pets", "7", OnnxClassifier(tiny_onnx)))
+    for _ in range(2):
+        with LiveApp(app) as url:
+            assert httpx.post(url + "/predict", content=png(), headers={"content-type": "image/png"}).status_code == 200

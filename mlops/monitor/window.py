@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -48,9 +49,9 @@ def load_traffic(records_dir: Path, version: str, start: datetime, end: datetime
     return Traffic(start, end, version, served, rejected, labels, requests.unreadable + feedback.unreadable)
 
 
-def scrape(url: str) -> str | None:
+def scrape(url: str, verify: ssl.SSLContext | bool = True) -> str | None:
     try:
-        answer = httpx.get(url, timeout=5)
+        answer = httpx.get(url, timeout=5, verify=verify)
         return answer.text if answer.status_code == 200 else None
     except httpx.TransportError:
         return None

@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.staticfiles import StaticFiles
 
 from mlops.config import ServeConfig
@@ -157,7 +158,11 @@ class BodyBudget:
 
     def __init__(self, limit: int, wait_s: float):
         self.limit, self.wait_s, self.used = limit, wait_s, 0
-        self._changed = asyncio.Condition()
+        self._changed: asyncio.Condition | None = None
+
+    def start(self) -> None:
+        """Bind to the running event loop (an app may be served by more than one, in turn)."""
+        self._changed, self.used = asyncio.Condition(), 0
 
     @asynccontextmanager
     async def hold(self, nbytes: int):
@@ -189,11 +194,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise BadInput(413, "body_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadInput(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadInput(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or cut off by serve.timeout_request_s: no one reads the answer
+        raise BadInput(400, "client_disconnect", "the client went away before the body was complete") from None
     return b"".join(chunks)
 
 
@@ -335,6 +343,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         configure_allocator()
+        bodies.start()
         batcher.start()
         yield
         await batcher.stop()

@@ -19,17 +19,21 @@ class MicroBatcher:
 
     def __init__(self, model: OnnxClassifier, max_size: int, max_wait_s: float, on_batch=None):
         self.model, self.max_size, self.max_wait_s, self.on_batch = model, max_size, max_wait_s, on_batch
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self.queue: asyncio.Queue | None = None
+        self.executor: ThreadPoolExecutor | None = None
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
+        """Start on the running event loop (an app may be served by more than one, in turn)."""
+        self.queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
         if self.task:
             self.task.cancel()
-        self.executor.shutdown(wait=False)
+        if self.executor:
+            self.executor.shutdown(wait=False)
 
     async def predict(self, array: np.ndarray) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
