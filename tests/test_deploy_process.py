@@ -32,6 +32,7 @@ def config(workspace, *overrides: str):
     return load_config("deploy", "test", [f"paths.workspace={workspace}", f"serve.port={port}", *overrides])
 
 
+@pytest.mark.slow  # two real server processes
 def test_stop_never_signals_another_server_that_took_the_pid(workspace, caplog):
     first_config, second_config = config(workspace), config(workspace)
     # two servers of one version started at once share the deploy cache (paths.deploy/models)

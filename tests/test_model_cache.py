@@ -111,6 +111,7 @@ def test_a_cached_file_changed_after_approval_is_refused(store, tmp_path):
     assert version_of(store).tags[ONNX_SHA256_TAG] in str(refused.value) and "delete" in str(refused.value)
 
 
+@pytest.mark.slow  # a real server process
 def test_a_stored_file_changed_after_approval_stops_the_server(tiny_onnx, tmp_path):
     uri, _ = register_tiny(tiny_onnx, tmp_path / "store")
     stored = stored_file(uri)
