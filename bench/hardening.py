@@ -160,17 +160,22 @@ def slow_clients(port: int, wait_s: float, count: int = 200) -> int:
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n")  # headers never end
         sockets.append(sock)
     time.sleep(wait_s)
-    still_open = 0
-    for sock in sockets:
-        sock.settimeout(0.05)
-        try:
-            still_open += sock.recv(1) != b"" or 0
-        except TimeoutError:
-            still_open += 1  # nothing sent and not closed: the server still holds it
-        except OSError:
+    return sum(held(sock) for sock in sockets)
+
+
+def held(sock: socket.socket) -> bool:
+    """True while the server keeps the connection open (an answer such as 408 may come before it closes)."""
+    sock.settimeout(0.05)
+    try:
+        while sock.recv(4096):
             pass
+        return False  # closed by the server
+    except TimeoutError:
+        return True
+    except OSError:
+        return False  # reset by the server
+    finally:
         sock.close()
-    return still_open
 
 
 def main() -> None:
