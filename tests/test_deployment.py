@@ -53,6 +53,20 @@ def test_manifests_are_valid_kubernetes_and_carry_the_config(production, tmp_pat
 
 
 
+def test_the_ingress_host_class_and_secret_come_from_the_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("DVC_REMOTE_URL", str(tmp_path))
+    config = load_config("deploy", "production", [
+        "deploy=kubernetes", f"paths.workspace={tmp_path}", "deploy.kubernetes.ingress_host=pets.example.org",
+        "deploy.kubernetes.ingress_class=nginx", "deploy.kubernetes.tls_secret=pets-cert",
+    ])
+    ingress = kubernetes.render_manifests(config, "4")[2]
+    kubernetes_validate.validate(ingress, "1.31", strict=True)
+    assert ingress["spec"]["tls"] == [{"secretName": "pets-cert", "hosts": ["pets.example.org"]}]
+    assert ingress["spec"]["rules"][0]["host"] == "pets.example.org"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+
+
 def test_local_tls_files_stay_out_of_the_pods(production):
     from mlops.config.serve import TlsConfig
 

@@ -18,6 +18,13 @@ from mlops.config.serve import TlsConfig
 from mlops.deploy.processes import server_command
 
 
+def host(name: str | None, key: str) -> dict:
+    """The Ingress's host field (`hosts` in a TLS entry, `host` in a rule), absent for any host."""
+    if name is None:
+        return {}
+    return {key: [name] if key == "hosts" else name}
+
+
 def render_manifests(config: DeployConfig, version: str) -> list[dict]:
     """A Deployment, a Service and a TLS Ingress for the model server of `version`, from `deploy.kubernetes`."""
     k8s, serve = config.deploy.kubernetes, config.serve
@@ -78,11 +85,11 @@ def render_manifests(config: DeployConfig, version: str) -> list[dict]:
             "nginx.ingress.kubernetes.io/proxy-body-size": f"{math.ceil(serve.max_body_mb)}m",
         }},
         "spec": {
-            "tls": [{"secretName": f"{name}-tls"}],
+            "tls": [{"secretName": k8s.tls_secret or f"{name}-tls"} | host(k8s.ingress_host, "hosts")],
             "rules": [{"http": {"paths": [{
                 "path": "/", "pathType": "Prefix", "backend": {"service": {"name": name, "port": {"name": "http"}}},
-            }]}}],
-        },
+            }]}} | host(k8s.ingress_host, "host")],
+        } | ({"ingressClassName": k8s.ingress_class} if k8s.ingress_class else {}),
     }
     return [deployment, service, ingress]
 
