@@ -250,8 +250,7 @@ def stop_server(server: LiveServer | int, timeout_s: float = 20.0) -> bool:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        _reap(pid)
-        if not is_running(server):
+        if _gone(pid):  # not is_running: an exiting process may already hide its command line
             return True
         time.sleep(0.1)
     if is_running(server):
@@ -259,6 +258,16 @@ def stop_server(server: LiveServer | int, timeout_s: float = 20.0) -> bool:
     time.sleep(0.2)
     _reap(pid)
     return True
+
+
+def _gone(pid: int) -> bool:
+    """Exited: reaped, if it is our child (its main thread may show as a zombie while its other
+    threads still exit), or gone or a zombie otherwise (its own parent reaps it)."""
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return not _alive(pid)
+    return reaped == pid
 
 
 def _reap(pid: int) -> None:
