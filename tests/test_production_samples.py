@@ -1,0 +1,67 @@
+"""The pure rules that turn captured requests and feedback into labelled production samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mlops.data.production import Label, join_labels, time_split
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+CLASSES = ("cat", "dog")
+
+
+@dataclass(frozen=True)
+class Shot:
+    request_id: str
+    time: datetime
+
+
+def shots(n: int) -> list[Shot]:
+    return [Shot(f"r{i:02d}", T0 + timedelta(minutes=i)) for i in range(n)]
+
+
+def label(request_id: str, value: str, minute: int = 0) -> Label:
+    return Label(request_id, value, T0 + timedelta(hours=1, minutes=minute))
+
+
+def test_each_captured_request_gets_its_label_and_the_rest_are_unlabelled():
+    joined = join_labels(shots(4), [label("r01", "dog"), label("r03", "cat")], CLASSES, "last")
+    assert [(s.capture.request_id, s.label) for s in joined.labelled] == [("r01", "dog"), ("r03", "cat")]
+    assert [c.request_id for c in joined.unlabelled] == ["r00", "r02"]
+    assert joined.problems == [] and joined.counts() == {"cat": 1, "dog": 1}
+
+
+def test_unknown_classes_and_labels_without_a_capture_are_reported_not_used():
+    joined = join_labels(shots(2), [label("r00", "cow"), label("r99", "cat"), label("r01", "x" * 5000)], CLASSES, "last")
+    assert joined.labelled == []
+    assert joined.problem_counts() == {"not_captured": 1, "unknown_class": 2}
+    assert all(len(p.detail) < 200 for p in joined.problems), "a label was quoted in full"
+
+
+def test_a_repeated_label_counts_once():
+    joined = join_labels(shots(1), [label("r00", "dog", 1), label("r00", "dog", 2)], CLASSES, "drop")
+    assert [s.label for s in joined.labelled] == ["dog"] and joined.problems == []
+
+
+@pytest.mark.parametrize(("on_conflict", "expected"), [("last", ["cat"]), ("drop", [])])
+def test_conflicting_labels_follow_the_config_and_are_reported(on_conflict, expected):
+    given = [label("r00", "cat", 5), label("r00", "dog", 1)]  # the later one says cat
+    joined = join_labels(shots(1), given, CLASSES, on_conflict)
+    assert [s.label for s in joined.labelled] == expected
+    assert [p.kind for p in joined.problems] == ["conflicting"]
+    assert "'cat'" in joined.problems[0].detail or "neither" in joined.problems[0].detail
+
+
+def test_the_time_split_holds_out_the_newest_share():
+    joined = join_labels(list(reversed(shots(10))), [label(f"r{i:02d}", "cat") for i in range(10)], CLASSES, "last")
+    train, holdout = time_split(joined.labelled, 0.3)
+    assert [s.capture.request_id for s in holdout] == ["r07", "r08", "r09"]
+    assert len(train) == 7 and max(s.capture.time for s in train) < min(s.capture.time for s in holdout)
+    assert time_split(joined.labelled, 0.0) == (joined.labelled, [])
+    assert [len(part) for part in time_split(joined.labelled[:2], 0.1)] == [1, 1]
+    assert [len(part) for part in time_split(joined.labelled[:1], 0.5)] == [1, 0]
+    with pytest.raises(ValueError, match="holdout_share"):
+        time_split(joined.labelled, 1.0)
