@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from mlops.config import GateThresholds
-from mlops.train.evaluation import Baseline, Evaluation, gate
+from mlops.train.evaluation import Baseline, Evaluation, Holdout, gate, holdout_check
 
 THRESHOLDS = GateThresholds(
     min_accuracy=0.8, min_class_recall=0.7, max_recall_gap=0.2,
@@ -82,3 +82,33 @@ def test_report_lists_every_check_when_several_fail():
     ]
     assert not any(verdicts(report).values())
     assert report.title == "Gate" and report.to_markdown().startswith("**Gate: FAILED**")
+
+
+def holdout(new: float, production: float | None) -> Holdout:
+    return Holdout(evaluation(accuracy=new), None if production is None else evaluation(accuracy=production),
+                   "production v1 on 30 production images")
+
+
+@pytest.mark.parametrize(
+    ("new", "production", "floor", "passed"),
+    [
+        (0.80, 0.60, None, True),  # +0.20 >= +0.05
+        (0.62, 0.60, None, False),  # +0.02 < +0.05
+        (0.62, 0.60, 0.6, True),  # under the gain but above the floor
+        (0.55, None, 0.6, False),  # no production model: the floor alone
+        (0.65, 0.60, None, True),  # exactly the gain
+    ],
+)
+def test_the_holdout_asks_for_a_gain_over_production_or_the_floor(new, production, floor, passed):
+    thresholds = THRESHOLDS.model_copy(update={"min_holdout_accuracy": floor})
+    report = gate(evaluation(), thresholds, Baseline("production v1", evaluation()), holdout(new, production))
+    (check,) = report.sections["production holdout"]
+    assert check.passed is passed and report.passed is passed
+    assert "production v1 on 30 production images" in check.note or production is None
+
+
+def test_without_a_holdout_the_gate_has_no_holdout_section_and_a_holdout_without_any_bound_is_skipped():
+    assert "production holdout" not in gate(evaluation(), THRESHOLDS).sections
+    (check,) = gate(evaluation(), THRESHOLDS, None, holdout(0.9, None)).sections["production holdout"]
+    assert check.passed is None and "no production model and no floor" in check.note
+    assert holdout_check(None, THRESHOLDS).passed is None

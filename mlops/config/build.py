@@ -104,6 +104,9 @@ class GateThresholds(Section):
     max_p95_latency_ms: float = Field(gt=0.0)
     max_accuracy_drop: float = Field(ge=0.0, le=1.0)
     max_macro_f1_drop: float = Field(ge=0.0, le=1.0)
+    # on the production holdout (labelled production images, newest share), when there is one
+    min_holdout_gain: float = Field(default=0.05, ge=-1.0, le=1.0)
+    min_holdout_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class BuildConfig(CommonConfig):

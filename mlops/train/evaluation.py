@@ -108,8 +108,37 @@ class Baseline:
     evaluation: Evaluation | None = None
 
 
-def gate(new: Evaluation, thresholds: GateThresholds, baseline: Baseline | None = None) -> Report:
-    """Absolute bounds on `new`, then change bounds against the baseline (same test split)."""
+@dataclass(frozen=True)
+class Holdout:
+    """The new model and the production model on the production holdout (what production saw)."""
+
+    new: Evaluation
+    production: Evaluation | None
+    label: str  # "production v3 on 42 production images"
+
+
+def holdout_check(holdout: Holdout | None, thresholds: GateThresholds) -> Check:
+    """Better than production where production failed: by `min_holdout_gain`, or above the
+    absolute floor `min_holdout_accuracy` when one is set (whichever is lower)."""
+    if holdout is None:
+        return Check("holdout_accuracy", None, None, ">=", None, "no production holdout: check skipped")
+    bounds, notes = [], []
+    if holdout.production is not None:
+        bounds.append(round(holdout.production.accuracy + thresholds.min_holdout_gain, 6))
+        notes.append(f"{holdout.label}: {holdout.production.accuracy:.4f} + min_holdout_gain")
+    if thresholds.min_holdout_accuracy is not None:
+        bounds.append(thresholds.min_holdout_accuracy)
+        notes.append("or min_holdout_accuracy")
+    if not bounds:
+        return Check("holdout_accuracy", None, None, ">=", None, f"{holdout.label}: no production model and no floor")
+    return compare("holdout_accuracy", holdout.new.accuracy, ">=", min(bounds), ", ".join(notes))
+
+
+def gate(
+    new: Evaluation, thresholds: GateThresholds, baseline: Baseline | None = None, holdout: Holdout | None = None
+) -> Report:
+    """Absolute bounds on `new`, then change bounds against the baseline (same test split), then
+    the gain on the production holdout when the build has one."""
     recalls = {name: scores["recall"] for name, scores in new.per_class.items()}
     worst = min(recalls, key=recalls.get)
     checks = [
@@ -142,4 +171,7 @@ def gate(new: Evaluation, thresholds: GateThresholds, baseline: Baseline | None 
                 f"{baseline.label} macro F1 {production.macro_f1:.4f} - max_macro_f1_drop",
             ),
         ]
-    return Report({"gate": checks}, title="Gate")
+    sections = {"gate": checks}
+    if holdout is not None:
+        sections["production holdout"] = [holdout_check(holdout, thresholds)]
+    return Report(sections, title="Gate")
