@@ -66,3 +66,19 @@ def test_section_must_match_whole_prefix():
 @pytest.mark.parametrize("kind", list(RetrainKind))
 def test_starts_property(kind):
     assert RetrainDecision(kind).starts is (kind in {RetrainKind.DEPLOYMENT, RetrainKind.IN_PROCESS})
+
+
+@pytest.mark.parametrize(("labelled", "kind"), [(3, RetrainKind.WAITING_FOR_LABELS), (20, RetrainKind.DEPLOYMENT),
+                                                (None, RetrainKind.DEPLOYMENT)])
+def test_a_retrain_on_production_data_waits_for_enough_labels(labelled, kind):
+    decision = retrain_policy(["drift.drifted_share"], SECTIONS, "auto", timedelta(hours=6), None, NOW, True,
+                              labelled=labelled, min_labelled=20)
+    assert decision.kind is kind and not (kind is RetrainKind.WAITING_FOR_LABELS and decision.starts)
+    if kind is RetrainKind.WAITING_FOR_LABELS:
+        assert "3 labelled production image(s)" in decision.note and "monitor.retrain.min_labelled (20)" in decision.note
+
+
+def test_the_cooldown_comes_before_the_label_count():
+    decision = retrain_policy(["drift.drifted_share"], SECTIONS, "auto", timedelta(hours=6), NOW - timedelta(hours=1),
+                              NOW, True, labelled=0, min_labelled=20)
+    assert decision.kind is RetrainKind.COOLDOWN

@@ -18,6 +18,7 @@ class RetrainKind(StrEnum):
     DEPLOYMENT = "deployment"  # start a run of the build deployment
     IN_PROCESS = "in_process"  # run the build flow in this process
     MISSING_DEPLOYMENT = "missing_deployment"  # mode: deployment, and it does not exist
+    WAITING_FOR_LABELS = "waiting_for_labels"  # wanted, on production data, with too few labels yet
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,23 @@ def retrain_policy(
     last_started: datetime | None,
     now: datetime,
     deployment_exists: bool,
+    labelled: int | None = None,
+    min_labelled: int = 0,
 ) -> RetrainDecision:
-    """`breaches` are "section.check" names; `mode` is deployment | in_process | auto."""
+    """`breaches` are "section.check" names; `mode` is deployment | in_process | auto.
+
+    `labelled`: the labelled production images a retraining build would add (None: it adds
+    none); below `min_labelled` the retrain waits for labels rather than train on a handful."""
     reasons = tuple(sorted({b for b in breaches if b.split(".", 1)[0] in sections}))
     if not reasons:
         return RetrainDecision(RetrainKind.NONE, note="no breach in the retraining sections")
     if last_started is not None and now - last_started < cooldown:
         return RetrainDecision(RetrainKind.COOLDOWN, reasons, f"in cool-down since {last_started.isoformat()}")
+    if labelled is not None and labelled < min_labelled:
+        return RetrainDecision(
+            RetrainKind.WAITING_FOR_LABELS, reasons,
+            f"{labelled} labelled production image(s), fewer than monitor.retrain.min_labelled ({min_labelled})",
+        )
     if mode == "in_process":
         return RetrainDecision(RetrainKind.IN_PROCESS, reasons, "monitor.retrain.mode: in_process")
     if deployment_exists:
