@@ -26,6 +26,59 @@ class TlsConfig(Section):
     key_file_env: str | None = Field(default=None, pattern=ENV_NAME)
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with a store URL (a local path or an fsspec URL such as s3://bucket/prefix), or None."""
+    from urllib.parse import urlsplit
+
+    from fsspec.core import split_protocol
+    from fsspec.registry import known_implementations, registry
+
+    protocol, _ = split_protocol(url)
+    if protocol is not None and protocol not in known_implementations and protocol not in registry:
+        return f"'{protocol}://' is not a protocol fsspec knows (a local path, file://, s3://, gcs://, ...)"
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        return "the URL holds a password: credentials go in the environment (s3: the usual AWS_* variables), never in a config"
+    return None
+
+
+class CaptureConfig(Section):
+    """Which inputs the server keeps for labelling and retraining, and where (`mlops.serve.capture`).
+
+    `url` None: nothing is captured (a server started by hand); the deploy flow's environments
+    set it (conf/env/deploy/*.yaml)."""
+
+    enabled: bool
+    sample_rate: float = Field(ge=0.0, le=1.0)
+    max_mb: float = Field(gt=0.0)
+    max_age_days: float = Field(gt=0.0)
+    max_queue_mb: float = Field(gt=0.0)
+    url: str | None = Field(default=None, min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        problem = url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        if "://" not in url:  # a local path: absolute, so the server finds it from any directory
+            return str(Path(url).expanduser().resolve())
+        return url
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 2**20)
+
+    @property
+    def max_queue_bytes(self) -> int:
+        return int(self.max_queue_mb * 2**20)
+
+
 class ServeConfig(Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
@@ -43,6 +96,7 @@ class ServeConfig(Section):
     timeout_keep_alive_s: float = Field(gt=0.0)
     max_connections: int = Field(ge=1)
     tls: TlsConfig = TlsConfig()
+    capture: CaptureConfig
     cache_dir: Path | None = None
 
     @field_validator("formats")

@@ -4,6 +4,10 @@ TLS ends at the Ingress: clients reach it over https with the certificate of the
 `<model>-server-tls` (type kubernetes.io/tls, created by you: `kubectl create secret tls`); from
 there to the pods traffic stays inside the cluster, in plain http. `serve.tls` (files on this
 machine) applies to local servers only.
+
+Records go to a volume of the pod; so do captures when `serve.capture.url` is a local path (a
+path on this machine means nothing in a pod), while an object-store URL (s3://...) is passed
+as it is, for every replica to write to.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from mlops.config import DeployConfig
-from mlops.config.serve import TlsConfig
+from mlops.config.serve import CaptureConfig, TlsConfig
 from mlops.deploy.processes import server_command
 
 
@@ -25,12 +29,29 @@ def host(name: str | None, key: str) -> dict:
     return {key: [name] if key == "hosts" else name}
 
 
+CAPTURES_IN_POD = "/var/lib/mlops/captures"
+
+
+def pod_capture(capture: CaptureConfig) -> tuple[CaptureConfig, bool]:
+    """`serve.capture` as a pod uses it, and whether it needs the captures volume: a local path
+    becomes the volume's; a remote URL stays."""
+    from fsspec.core import split_protocol
+
+    if not capture.enabled or capture.url is None or split_protocol(capture.url)[0] not in (None, "file", "local"):
+        return capture, False
+    return capture.model_copy(update={"url": CAPTURES_IN_POD}), True
+
+
 def render_manifests(config: DeployConfig, version: str) -> list[dict]:
     """A Deployment, a Service and a TLS Ingress for the model server of `version`, from `deploy.kubernetes`."""
     k8s, serve = config.deploy.kubernetes, config.serve
     name = f"{config.mlflow.registered_model}-server"
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "mlops-flows", "mlops/environment": config.environment}
-    in_pod = serve.model_copy(update={"host": "0.0.0.0", "port": 8000, "tls": TlsConfig(), "cache_dir": None})
+    capture, capture_volume = pod_capture(serve.capture)
+    in_pod = serve.model_copy(
+        update={"host": "0.0.0.0", "port": 8000, "tls": TlsConfig(), "cache_dir": None, "capture": capture}
+    )
+    volumes = [("records", "/var/lib/mlops/records")] + ([("captures", CAPTURES_IN_POD)] if capture_volume else [])
     records = config.records.model_copy(update={"dir": Path("/var/lib/mlops/records")})
     command = server_command(in_pod, records, "$(MLFLOW_TRACKING_URI)", config.mlflow.registered_model, version)
     command[0] = "python"
@@ -53,7 +74,7 @@ def render_manifests(config: DeployConfig, version: str) -> list[dict]:
             "requests": {"cpu": k8s.cpu_request, "memory": k8s.memory_request},
             "limits": {"cpu": k8s.cpu_limit, "memory": k8s.memory_limit},
         },
-        "volumeMounts": [{"name": "records", "mountPath": "/var/lib/mlops/records"}],
+        "volumeMounts": [{"name": volume, "mountPath": path} for volume, path in volumes],
     }
     metadata = {"name": name, "namespace": k8s.namespace, "labels": labels}
     deployment = {
@@ -66,7 +87,7 @@ def render_manifests(config: DeployConfig, version: str) -> list[dict]:
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {"labels": labels, "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "8000"}},
-                "spec": {"containers": [container], "volumes": [{"name": "records", "emptyDir": {}}]},
+                "spec": {"containers": [container], "volumes": [{"name": volume, "emptyDir": {}} for volume, _ in volumes]},
             },
         },
     }

@@ -2,7 +2,8 @@
 
 It needs nothing but the model (class names, input size and normalisation travel in the ONNX
 file) and never unpickles anything. Concurrent requests are batched into one ONNX Runtime call
-(`mlops.serve.batching`). Every request is recorded for monitoring (`mlops.serve.records`).
+(`mlops.serve.batching`). Every request is recorded for monitoring (`mlops.serve.records`), and
+a sampled share of the images answered is kept for labelling and retraining (`mlops.serve.capture`).
 
 Every input is hostile until read: bodies are bounded in size and in memory held at once
 (`serve.max_body_mb`, `serve.max_bodies_mb`), images in pixels, formats and decoded bytes
@@ -41,6 +42,7 @@ from starlette.staticfiles import StaticFiles
 from mlops.config import ServeConfig
 from mlops.config.serve import default_serve_config
 from mlops.serve.batching import MicroBatcher
+from mlops.serve.capture import CaptureMetrics, CaptureWriter
 from mlops.serve.decoding import BadInput, ByteBudget, configure_allocator, decode
 from mlops.serve.features import THUMBNAIL, image_features
 from mlops.serve.inference import OnnxClassifier, image_to_array
@@ -326,13 +328,17 @@ class Observe:
 
 
 def create_app(
-    served: ServedModel, settings: ServeConfig | None = None, token: str | None = None, records: RecordWriter | None = None
+    served: ServedModel, settings: ServeConfig | None = None, token: str | None = None, records: RecordWriter | None = None,
+    capture: CaptureWriter | None = None,
 ) -> FastAPI:
     """The API for `served`, with the limits and batching of `settings` (the `serve` section;
-    default: conf/serve/default.yaml)."""
+    default: conf/serve/default.yaml); `records` and `capture` (closed at shutdown): where
+    requests are recorded and sampled images kept, if anywhere."""
     settings = settings or default_serve_config()
     model, classes = served.model, served.model.spec.classes
     metrics = Metrics(served)
+    if capture:
+        metrics.registry.register(CaptureMetrics(capture))
     batcher = MicroBatcher(model, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0, metrics.batch_size.observe)
     bodies = BodyBudget(settings.max_bodies_bytes, settings.timeout_request_s)
     decodes = ByteBudget(settings.max_decode_bytes, settings.timeout_request_s)
@@ -349,6 +355,8 @@ def create_app(
         await batcher.stop()
         if records:
             records.close()
+        if capture:
+            await run_in_threadpool(capture.close)
 
     app = FastAPI(
         title="mlops model server",
@@ -409,6 +417,11 @@ def create_app(
             request_id, endpoint, content_type, len(data), status="ok", error=None,
             prediction=classes[best], confidence=float(probabilities[best]), latency_ms=latency_ms, **features,
         )
+        if capture:  # only queued here: written by its own thread
+            capture.offer(
+                request_id, data, model=served.name, model_version=served.version, endpoint=endpoint,
+                content_type=quote(content_type), prediction=classes[best], confidence=float(probabilities[best]),
+            )
         return {
             "request_id": request_id,
             "model": {"name": served.name, "version": served.version},

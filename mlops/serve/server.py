@@ -5,7 +5,8 @@
 
 Limits and batching come from `--settings` (the `serve` section as JSON, which the deploy flow
 passes) or else from `conf/serve/default.yaml`; `--host`/`--port` override them. With
-`serve.tls` set it serves https only.
+`serve.tls` set it serves https only; with `serve.capture.url` set it keeps a sampled share of
+the images it answers there (`mlops.serve.capture`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from mlops.config import RecordsConfig, ServeConfig, secret
 from mlops.config.serve import TlsConfig, default_serve_config
 from mlops.registry import cached_model
 from mlops.serve.app import ServedModel, create_app
+from mlops.serve.capture import CaptureWriter, store_of
 from mlops.serve.inference import OnnxClassifier
 from mlops.serve.records import RecordWriter
 
@@ -277,10 +279,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: serve.token_env {settings.token_env}: the variable is not set or empty")
     try:  # what can be checked in a moment, before the model is downloaded
         check_tls(settings.tls)
+        if settings.capture.enabled and settings.capture.url:
+            store_of(settings.capture.url)  # its protocol's package is installed
         sockets = [listen_on(settings.host, settings.port, args.reuse_port, "serve.port")]
         if args.admin_port:
             sockets.append(listen_on(settings.host, args.admin_port, False, "--admin-port"))
-    except ServerError as error:
+    except (ServerError, ValueError) as error:
         sys.exit(f"error: {error}")
     cache = args.cache_dir or settings.cache_dir or default_cache_dir()
     try:
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     records = None
     if records_config is not None:
         records = RecordWriter(records_config.dir, records_config.max_mb, records_config.max_age_days)
-    app = create_app(served, settings, token, records)
+    capture = CaptureWriter.from_config(settings.capture)
+    app = create_app(served, settings, token, records, capture)
     config = uvicorn_config(app, settings)
     scheme = "https" if config.is_ssl else "http"
     log.info("serving %s v%s on %s://%s:%s", served.name, served.version, scheme, settings.host, settings.port)
