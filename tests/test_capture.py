@@ -377,6 +377,7 @@ def test_any_fsspec_url_is_a_store():
         fs.rm(url.removeprefix("memory:/").split("/pets")[0], recursive=True)
 
 
+@pytest.mark.slow  # starts processes: kept out of the fast tier
 def test_a_server_whose_store_needs_a_missing_package_stops_with_one_line(tmp_path):
     import importlib.util
     import os

@@ -186,6 +186,7 @@ def test_cli_rejects_a_bad_value_with_the_key_and_no_traceback(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # nothing ran
 
 
+@pytest.mark.slow  # starts processes: kept out of the fast tier
 def test_cli_prints_the_production_config_without_running(tmp_path):
     result = run_cli("--cfg", "job", "env=production", workspace=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -54,6 +54,7 @@ def test_registration_records_the_checksum_of_the_stored_file(store):
     assert MlflowClient(store, store).get_run(version_of(store).run_id).data.tags[ONNX_SHA256_TAG] == recorded
 
 
+@pytest.mark.slow  # starts processes: kept out of the fast tier
 def test_two_registries_v1_of_one_name_get_their_own_cached_files(tiny_onnx, other_onnx, tmp_path):
     first, _ = register_tiny(tiny_onnx, tmp_path / "a")
     second, _ = register_tiny(other_onnx, tmp_path / "b")

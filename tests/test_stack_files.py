@@ -442,6 +442,7 @@ esac
 """
 
 
+@pytest.mark.slow  # starts processes: kept out of the fast tier
 def test_stack_start_status_stop_with_stand_ins(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
