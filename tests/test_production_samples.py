@@ -51,6 +51,7 @@ def test_conflicting_labels_follow_the_config_and_are_reported(on_conflict, expe
     given = [label("r00", "cat", 5), label("r00", "dog", 1)]  # the later one says cat
     joined = join_labels(shots(1), given, CLASSES, on_conflict)
     assert [s.label for s in joined.labelled] == expected
+    assert len(joined.unlabelled) == 1 - len(expected)  # a dropped one waits for a person to settle it
     assert [p.kind for p in joined.problems] == ["conflicting"]
     assert "'cat'" in joined.problems[0].detail or "neither" in joined.problems[0].detail
 
@@ -65,3 +66,45 @@ def test_the_time_split_holds_out_the_newest_share():
     assert [len(part) for part in time_split(joined.labelled[:1], 0.5)] == [1, 0]
     with pytest.raises(ValueError, match="holdout_share"):
         time_split(joined.labelled, 1.0)
+
+
+def test_collect_joins_what_a_real_server_captured_with_the_feedback_it_recorded(tiny_onnx, tmp_path):
+    """A server on 127.0.0.1 captures every answered image and records feedback; `collect` reads both."""
+    import io
+    import time
+
+    import httpx
+    from conftest import LiveApp
+    from PIL import Image
+
+    from mlops.config.serve import default_serve_config
+    from mlops.data.production import collect
+    from mlops.serve.app import ServedModel, create_app
+    from mlops.serve.capture import CaptureWriter
+    from mlops.serve.inference import OnnxClassifier
+    from mlops.serve.records import RecordWriter
+
+    def png(shade: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (20, 20), (shade, 40, 90)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    captures, records = tmp_path / "captures", tmp_path / "records"
+    app = create_app(
+        ServedModel("pets", "4", OnnxClassifier(tiny_onnx)), default_serve_config(), None,
+        RecordWriter(records, max_mb=10, max_age_days=1, flush_s=0.1),
+        CaptureWriter(str(captures), sample_rate=1.0, max_mb=10, max_age_days=1),
+    )
+    with LiveApp(app) as url:
+        ids = [httpx.post(url + "/predict", content=png(10 * i), headers={"content-type": "image/png"}).json()["request_id"]
+               for i in range(5)]
+        for request_id, label in [(ids[0], "cat"), (ids[1], "dog"), (ids[1], "fox"), (ids[2], "cow"), ("f" * 32, "cat")]:
+            assert httpx.post(url + "/feedback", json={"request_id": request_id, "label": label}).status_code in (202, 422)
+        time.sleep(0.5)  # the record writer flushes every 0.1 s
+    collected = collect(str(captures), records, ("cat", "dog", "fox"), "drop", start)
+    joined = collected.joined
+    assert [(s.capture.request_id, s.label) for s in joined.labelled] == [(ids[0], "cat")]
+    assert {c.request_id for c in joined.unlabelled} == set(ids[1:])  # ids[1]: conflicting, dropped
+    assert joined.problem_counts() == {"conflicting": 1, "not_captured": 1}  # "cow" was refused by the server
+    assert joined.labelled[0].capture.read_bytes() == png(0) and collected.unreadable == []

@@ -70,6 +70,45 @@ class DvcConfig(Section):
     remote: str = Field(min_length=1)
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with a store URL (a local path or an fsspec URL such as s3://bucket/prefix), or None."""
+    from urllib.parse import urlsplit
+
+    from fsspec.core import split_protocol
+    from fsspec.registry import known_implementations, registry
+
+    protocol, _ = split_protocol(url)
+    if protocol is not None and protocol not in known_implementations and protocol not in registry:
+        return f"'{protocol}://' is not a protocol fsspec knows (a local path, file://, s3://, gcs://, ...)"
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        return "the URL holds a password: credentials go in the environment (s3: the usual AWS_* variables), never in a config"
+    return None
+
+
+def store_url(url: str) -> str:
+    """`url` checked (`url_problem`), a local path made absolute so a process finds it from any
+    directory. Raises ValueError naming what is wrong."""
+    problem = url_problem(url)
+    if problem:
+        raise ValueError(problem)
+    return str(Path(url).expanduser().resolve()) if "://" not in url else url
+
+
+class CapturesConfig(Section):
+    """Where the model servers keep sampled inputs (`serve.capture`) and builds read them back."""
+
+    url: str = Field(min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, url: str) -> str:
+        return store_url(url)
+
+
 class RecordsConfig(Section):
     """What model servers record and the monitor reads."""
 
@@ -99,6 +138,7 @@ class CommonConfig(Section):
     mlflow: MlflowConfig
     dvc: DvcConfig
     records: RecordsConfig
+    captures: CapturesConfig
     slo: SloConfig
     chain: ChainConfig
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, field_validator
 
-from mlops.config.common import ENV_NAME, Section
+from mlops.config.common import ENV_NAME, Section, store_url
 
 DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "serve" / "default.yaml"
 
@@ -24,25 +24,6 @@ class TlsConfig(Section):
     key_file: str | None = None
     cert_file_env: str | None = Field(default=None, pattern=ENV_NAME)
     key_file_env: str | None = Field(default=None, pattern=ENV_NAME)
-
-
-def url_problem(url: str) -> str | None:
-    """What is wrong with a store URL (a local path or an fsspec URL such as s3://bucket/prefix), or None."""
-    from urllib.parse import urlsplit
-
-    from fsspec.core import split_protocol
-    from fsspec.registry import known_implementations, registry
-
-    protocol, _ = split_protocol(url)
-    if protocol is not None and protocol not in known_implementations and protocol not in registry:
-        return f"'{protocol}://' is not a protocol fsspec knows (a local path, file://, s3://, gcs://, ...)"
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        return "the URL holds a password: credentials go in the environment (s3: the usual AWS_* variables), never in a config"
-    return None
 
 
 class CaptureConfig(Section):
@@ -61,14 +42,7 @@ class CaptureConfig(Section):
     @field_validator("url")
     @classmethod
     def _usable(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        problem = url_problem(url)
-        if problem:
-            raise ValueError(problem)
-        if "://" not in url:  # a local path: absolute, so the server finds it from any directory
-            return str(Path(url).expanduser().resolve())
-        return url
+        return None if url is None else store_url(url)
 
     @property
     def max_bytes(self) -> int:

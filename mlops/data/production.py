@@ -8,6 +8,9 @@ is decided the same way in a test and in production:
   was not captured) with the reason;
 - `time_split`: the newest share of the labelled samples held out (the production holdout),
   the rest for training.
+
+`collect` reads both sides from where the model servers wrote them (`captures.url`,
+`records.dir`) and joins them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Literal, Protocol
 
 OnConflict = Literal["last", "drop"]  # two different labels for one request: the latest wins, or neither
@@ -50,7 +54,7 @@ class LabelProblem:
 @dataclass(frozen=True)
 class Joined:
     labelled: list[Labelled]  # in capture time order
-    unlabelled: list[Capture]  # captured, no usable label yet (candidates for active labelling)
+    unlabelled: list[Capture]  # captured, no usable label (none yet, or dropped conflicting ones)
     problems: list[LabelProblem]
 
     def counts(self) -> dict[str, int]:
@@ -99,6 +103,7 @@ def join_labels(
             outcome = f"the latest, '{latest.label}', is used" if chosen else "neither is used (on_conflict: drop)"
             problems.append(LabelProblem(capture.request_id, "conflicting", f"labels {distinct}: {outcome}"))
             if chosen is None:
+                unlabelled.append(capture)  # no usable label: a person may settle it
                 continue
         else:
             chosen = distinct[0]
@@ -116,3 +121,28 @@ def time_split(samples: Sequence[Labelled], holdout_share: float) -> tuple[list[
     ordered = sorted(samples, key=lambda s: (s.capture.time, s.capture.request_id))
     held = math.ceil(len(ordered) * holdout_share) if holdout_share > 0 and len(ordered) >= 2 else 0
     return ordered[: len(ordered) - held], ordered[len(ordered) - held :]
+
+
+@dataclass(frozen=True)
+class Collected:
+    joined: Joined
+    unreadable: list[str]  # capture sidecars and record lines that could not be used, with why
+
+
+def collect(
+    captures_url: str, records_dir: Path, classes: Sequence[str], on_conflict: OnConflict, start: datetime,
+    end: datetime | None = None,
+) -> Collected:
+    """The requests captured in [start, end) joined with every feedback label written since
+    `start` (a label arrives after its request, sometimes days after)."""
+    from mlops.serve.capture import read_captures
+    from mlops.serve.records import read_window
+
+    captures = read_captures(captures_url, start, end)
+    feedback = read_window(records_dir, "feedback", start, datetime.now(UTC) + timedelta(hours=1))
+    labels = [Label(r["request_id"], r["label"], _aware(r["time"])) for r in feedback.records]
+    return Collected(join_labels(captures.captured, labels, classes, on_conflict), captures.unreadable + feedback.unreadable)
+
+
+def _aware(time: datetime | str) -> datetime:
+    return (datetime.fromisoformat(time) if isinstance(time, str) else time).astimezone(UTC)
