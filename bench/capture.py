@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,12 +26,11 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hardening import load  # noqa: E402
-from serving import ALIAS, MODEL, build_model, free_port, start_server, stop_server, wait_ready  # noqa: E402
+from hardening import built, load  # noqa: E402
+from serving import ALIAS, MODEL, free_port, start_server, stop_server, wait_ready  # noqa: E402
 from table import print_table  # noqa: E402
 
 from mlops.config.serve import default_serve_config  # noqa: E402
-from mlops.data.layout import dataset_dir  # noqa: E402
 from mlops.serve.capture import read_captures  # noqa: E402
 
 
@@ -53,10 +51,7 @@ def main() -> None:
     if not 1 <= args.requests <= 50_000 or not 1 <= args.clients <= 128 or not 1 <= args.rounds <= 10:
         parser.error("--requests must be in [1, 50000], --clients in [1, 128] and --rounds in [1, 10]")
 
-    workspace = Path(tempfile.mkdtemp(prefix="bench-capture-"))
-    print(f"workspace {workspace}: building the model ...", flush=True)
-    tracking_uri = build_model(workspace)
-    pngs = [p.read_bytes() for p in sorted((dataset_dir(workspace / "dvc", "digits") / "test").glob("*/*.png"))]
+    workspace, tracking_uri, pngs = built("bench-capture-")
     defaults = default_serve_config()
     rate = defaults.capture.sample_rate
     variants = {"capture off": (False, 0.0), f"default ({rate:g})": (True, rate), "all (1.0)": (True, 1.0)}

@@ -178,6 +178,16 @@ def held(sock: socket.socket) -> bool:
         sock.close()
 
 
+def built(prefix: str) -> tuple[Path, str, list[bytes]]:
+    """A temporary workspace, the tracking URI of a model the build flow made there, and the
+    bytes of its test PNGs."""
+    workspace = Path(tempfile.mkdtemp(prefix=prefix))
+    print(f"workspace {workspace}: building the model ...", flush=True)
+    tracking_uri = build_model(workspace)
+    pngs = [p.read_bytes() for p in sorted((dataset_dir(workspace / "dvc", "digits") / "test").glob("*/*.png"))]
+    return workspace, tracking_uri, pngs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
@@ -186,10 +196,7 @@ def main() -> None:
     if not 1 <= args.requests <= 50_000 or not 1 <= args.clients <= 128:
         parser.error("--requests must be in [1, 50000] and --clients in [1, 128]")
 
-    workspace = Path(tempfile.mkdtemp(prefix="bench-hardening-"))
-    print(f"workspace {workspace}: building the model ...", flush=True)
-    tracking_uri = build_model(workspace)
-    pngs = [p.read_bytes() for p in sorted((dataset_dir(workspace / "dvc", "digits") / "test").glob("*/*.png"))]
+    workspace, tracking_uri, pngs = built("bench-hardening-")
     defaults = default_serve_config()
     variants = {
         "default limits": defaults,

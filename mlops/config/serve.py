@@ -44,14 +44,6 @@ class CaptureConfig(Section):
     def _usable(cls, url: str | None) -> str | None:
         return None if url is None else store_url(url)
 
-    @property
-    def max_bytes(self) -> int:
-        return int(self.max_mb * 2**20)
-
-    @property
-    def max_queue_bytes(self) -> int:
-        return int(self.max_queue_mb * 2**20)
-
 
 class ServeConfig(Section):
     host: str = Field(min_length=1)
