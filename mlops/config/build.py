@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from mlops.config.common import CommonConfig, Section
+from mlops.config.common import WINDOW, CommonConfig, Section
 
 
 class ValidationPolicy(Section):
@@ -16,6 +16,13 @@ class ValidationPolicy(Section):
     min_image_size: int = Field(ge=1)
     min_images_per_class: int = Field(ge=3)
     max_class_imbalance: float = Field(ge=1.0)
+
+
+class HoldoutConfig(Section):
+    """How the production holdout is taken from the labelled production images."""
+
+    split: Literal["time", "stratified"]  # the newest share, or a seeded share of each class
+    share: float = Field(gt=0.0, lt=1.0)
 
 
 class DataConfig(Section):
@@ -28,8 +35,10 @@ class DataConfig(Section):
     std: tuple[float, float, float]
     val_fraction: float = Field(gt=0.0, lt=0.5)
     test_fraction: float = Field(gt=0.0, lt=0.5)
-    max_per_class: int | None = Field(default=None, ge=3)
+    max_per_class: int | None = Field(default=None, ge=3)  # caps the source, never production images
     validation: ValidationPolicy
+    production: str | None = Field(default=None, pattern=WINDOW)  # labelled production images to add
+    holdout: HoldoutConfig
 
     @field_validator("std")
     @classmethod
@@ -42,6 +51,11 @@ class DataConfig(Section):
     def _source_path(self) -> DataConfig:
         if self.source == "imagefolder" and self.path is None:
             raise ValueError("source 'imagefolder' needs data.path")
+        if self.production is not None and self.version is not None:
+            raise ValueError(
+                f"data.production={self.production} with data.version: a pinned version already holds its"
+                " production images; drop one of them"
+            )
         return self
 
 

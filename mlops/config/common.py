@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DURATION = r"^\d+(\.\d+)?[smhd]$"
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 DEPLOYMENT = r"^[^/]+/[^/]+$"
+WINDOW = r"^(\d+(\.\d+)?[smhd]|all)$"  # a duration back from now, or all that is stored
 
 # Keys that moved, so that an old override or YAML file gets the new name instead of "extra inputs".
 RENAMED = {
@@ -102,6 +103,7 @@ class CapturesConfig(Section):
     """Where the model servers keep sampled inputs (`serve.capture`) and builds read them back."""
 
     url: str = Field(min_length=1)
+    on_conflict: Literal["last", "drop"]  # two different labels for one request
 
     @field_validator("url")
     @classmethod

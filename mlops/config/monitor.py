@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from mlops.config.common import DEPLOYMENT, DURATION, ENV_NAME, CommonConfig, Section
+from mlops.config.common import DEPLOYMENT, DURATION, ENV_NAME, WINDOW, CommonConfig, Section
 
 MonitorSection = Literal["integrity", "drift", "performance", "telemetry", "bias"]
 
@@ -76,6 +77,16 @@ class RetrainPolicy(Section):
     deployment: str = Field(pattern=DEPLOYMENT)
     overrides: list[str]
     cooldown: str = Field(pattern=DURATION)
+    production: str | None = Field(default=None, pattern=WINDOW)  # the build's data.production
+    min_labelled: int = Field(default=0, ge=0)
+
+
+class LabellingPolicy(Section):
+    """Active labelling: the least confident unlabelled captures, exported for a person."""
+
+    export: int = Field(ge=0)  # per monitor run; 0: none
+    format: Literal["folder", "label_studio"]
+    dir: Path
 
 
 class MonitorSettings(Section):
@@ -88,6 +99,7 @@ class MonitorSettings(Section):
     bias: BiasRules
     alerts: AlertPolicy
     retrain: RetrainPolicy
+    labelling: LabellingPolicy
 
 
 class MonitorConfig(CommonConfig):
