@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ from flows.chain import start_deployment
 from flows.config import load_config, run_cli, to_yaml
 from mlops.checks import Report
 from mlops.config import BuildConfig, DataConfig, DvcConfig, ExportConfig
-from mlops.data import ingest, versioning
+from mlops.data import ingest, production, versioning
 from mlops.data.layout import dataset_dir
+from mlops.monitor.window import parse_duration
 from mlops.registry import ONNX_FILE, REFERENCE_ARTIFACT, TRAIN_KEY_TAG, Registry, VersionRef, flatten, model_card, to_json
 from mlops.serve.inference import OnnxClassifier, load_array
 from mlops.train import evaluation, lineage, packaging
@@ -66,6 +68,44 @@ def prepare_data(data: DataConfig, seed: int, workspace: Path, dvc: DvcConfig) -
             "\n".join(f"  {r.path}: {r.kind} ({r.detail})" for r in prepared.rejected),
         )
     return prepared
+
+
+@task(**NETWORK)
+def add_production_data(config: BuildConfig, prepared: ingest.Prepared, base_version: str) -> ingest.Prepared:
+    """The labelled production images of `data.production` added to the prepared dataset."""
+    from mlops.serve.capture import redact
+
+    logger, data, url = get_run_logger(), config.data, config.captures.url
+    start = None if data.production == "all" else datetime.now(UTC) - parse_duration(data.production)
+    collected = production.collect(url, config.records.dir, prepared.classes, config.captures.on_conflict, start)
+    joined = collected.joined
+    for problem in collected.unreadable:
+        logger.warning("unreadable capture or feedback record skipped: %s", problem)
+    for problem in joined.problems[:20]:
+        logger.warning("label not used: request %s: %s (%s)", problem.request_id, problem.kind, problem.detail)
+    since = f"since {start.isoformat(timespec='seconds')}" if start else "(all stored)"
+    if not joined.labelled:
+        raise ingest.DataError(f"data.production={data.production}", [
+            f"no labelled production image in {redact(url)} {since}: {len(joined.unlabelled)} captured without a"
+            f" usable label, label problems {joined.problem_counts() or 'none'}",
+            "labels come from POST /feedback or python -m flows.label import; or drop data.production",
+        ])
+    times = [sample.capture.time for sample in joined.labelled]
+    provenance = {  # what decides the content only, so the same images give the same data version
+        "window": data.production, "first": min(times).isoformat(), "last": max(times).isoformat(),
+        "base_version": base_version, "holdout": data.holdout.model_dump(), "on_conflict": config.captures.on_conflict,
+    }
+    added = production.add_production(
+        prepared.path, joined.labelled, data.holdout.split, data.holdout.share, data.val_fraction, config.seed,
+        data.validation, config.paths.workspace / "quarantine" / data.name / "production", provenance,
+    )
+    for item in added.rejected:
+        logger.warning("production image %s left out: %s (%s)", item["request_id"], item["kind"], item["detail"])
+    if not added.total:
+        raise ingest.DataError(f"data.production={data.production}", [f"all {len(joined.labelled)} labelled production images were rejected"])
+    logger.info("added %d labelled production images from %s %s (%d unlabelled, label problems %s): %s",
+                added.total, redact(url), since, len(joined.unlabelled), joined.problem_counts() or "none", added.counts)
+    return ingest.load_prepared(prepared.path)
 
 
 @task(**NETWORK)
@@ -133,29 +173,36 @@ def evaluate_model(onnx_path: Path, files: list[tuple[Path, int]], latency_image
 
 
 @task(**NETWORK)
-def production_baseline(registry: Registry, classes: list[str], files, latency_images: int, workdir: Path) -> evaluation.Baseline:
-    """The production model evaluated on the same test split, or why there is no comparison."""
+def production_baseline(registry: Registry, classes: list[str], files, holdout_files, latency_images: int,
+                        workdir: Path) -> tuple[evaluation.Baseline, evaluation.Evaluation | None]:
+    """The production model evaluated on the same test split and production holdout, or why
+    there is no comparison."""
     current = registry.alias(registry.settings.production_alias)
     if current is None:
-        return evaluation.Baseline("no production model yet: comparison skipped")
+        return evaluation.Baseline("no production model yet: comparison skipped"), None
     label = f"production v{current.version}"
     model = OnnxClassifier(registry.download_model(current.run_id, workdir / "production"))
     if list(model.spec.classes) != classes:
-        return evaluation.Baseline(f"{label} has other classes {list(model.spec.classes)}: comparison skipped")
-    return evaluation.Baseline(label, evaluation.evaluate(model, files, latency_images))
+        return evaluation.Baseline(f"{label} has other classes {list(model.spec.classes)}: comparison skipped"), None
+    on_holdout = evaluation.evaluate(model, holdout_files, 0) if holdout_files else None
+    return evaluation.Baseline(label, evaluation.evaluate(model, files, latency_images)), on_holdout
 
 
 @task(**NETWORK)
 def log_evaluation(registry: Registry, run_id: str, new: evaluation.Evaluation, baseline: evaluation.Baseline,
-                   report: Report, workdir: Path) -> None:
+                   holdout: evaluation.Holdout | None, report: Report, markdown: str, workdir: Path) -> None:
     """Metrics, the confusion matrix and every gate check: MLflow artifacts and tags."""
     registry.log(run_id, metrics=new.metrics())
     if baseline.evaluation is not None:
         registry.log(run_id, metrics=baseline.evaluation.metrics("production_"))
+    if holdout is not None:
+        registry.log(run_id, metrics=holdout.new.metrics("holdout_"))
+        if holdout.production is not None:
+            registry.log(run_id, metrics=holdout.production.metrics("production_holdout_"))
     registry.log_artifact(run_id, evaluation.plot_confusion(new, workdir / "confusion_matrix.png"), "evaluation")
     registry.log_text(run_id, to_json(asdict(new)), "evaluation/test_metrics.json")
     registry.log_text(run_id, to_json(report.to_dict()), "gate/report.json")
-    registry.log_text(run_id, report.to_markdown(), "gate/report.md")
+    registry.log_text(run_id, markdown, "gate/report.md")
     verdicts = {f"mlops.gate.{check.name}": check.verdict for check in report.checks}
     registry.log(run_id, tags={"mlops.gate": "passed" if report.passed else "failed"} | verdicts)
 
@@ -185,10 +232,14 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
     else:
         prepared = prepare_data(data, config.seed, workspace, config.dvc)
         dataset = Dataset(prepared, version_data(config.dvc, data.name))
+        if data.production is not None:  # the source's version first, then the one with production images
+            prepared = add_production_data(config, prepared, dataset.version)
+            dataset = Dataset(prepared, version_data(config.dvc, data.name))
+    added = production.production_tags(dataset.prepared.production)
     logger.info("data version %s: %s", dataset.version, {s: sum(c.values()) for s, c in dataset.prepared.counts.items()})
 
     registry = Registry(config.mlflow)
-    trace = lineage.trace(config, dataset.version)
+    trace = lineage.trace(config, dataset.version) | added
     key = lineage.train_key(config, dataset.version, trace["code_hash"])
     reused = None if config.force else registry.find_reusable_run(key)
     run_tags = {f"mlops.{k}": v for k, v in trace.items()} | {
@@ -215,12 +266,18 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
             log_artifacts(registry, run_id, reference, REFERENCE_ARTIFACT)
             source_run_id = run_id
 
-        files = dataset.prepared.files("test")
+        files, holdout_files = dataset.prepared.files("test"), dataset.prepared.files(production.HOLDOUT)
         new = evaluate_model(onnx_path, files, config.export.latency_images)
-        baseline = production_baseline(registry, new.classes, files, config.export.latency_images, workdir)
-        report = evaluation.gate(new, config.gate, baseline)
-        log_evaluation(registry, run_id, new, baseline, report, workdir)
-        create_markdown_artifact(report.to_markdown(), key="gate-report", description="Build gate")
+        baseline, production_on_holdout = production_baseline(
+            registry, new.classes, files, holdout_files, config.export.latency_images, workdir)
+        holdout = None
+        if holdout_files:
+            holdout = evaluation.Holdout(evaluate_model(onnx_path, holdout_files, 0), production_on_holdout,
+                                         f"{baseline.label} on {len(holdout_files)} production images")
+        report = evaluation.gate(new, config.gate, baseline, holdout)
+        markdown = report.to_markdown() + "\n\n" + evaluation.comparison(new, baseline, holdout) + "\n"
+        log_evaluation(registry, run_id, new, baseline, holdout, report, markdown, workdir)
+        create_markdown_artifact(markdown, key="gate-report", description="Build gate")
         if not report.passed:
             raise GateFailed(f"gate failed: {report.describe_failures()}")
 
@@ -233,9 +290,10 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
         )
         card = model_card(
             config.mlflow.registered_model, dataset.version, dataset.prepared.counts, asdict(new),
-            report.to_markdown(),
+            markdown,
             {"build run": run_id, "model run": source_run_id, "ONNX sha256": registry.onnx_sha256(source_run_id), **trace},
             reproduce,
+            dataset.prepared.production,
         )
         ref, created = register_model(registry, source_run_id, tags, card)
         logger.info("%s %s version %s, alias '%s'", "registered" if created else "reused", ref.name, ref.version,

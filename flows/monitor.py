@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from flows.chain import deployment_exists, start_deployment
 from flows.config import load_config, overrides_for, run_cli
 from mlops.config import MonitorConfig
+from mlops.data import production
 from mlops.deploy import processes
 from mlops.monitor import alerts, memory, report, retrain, window
 from mlops.monitor.profiling import Reference
@@ -40,6 +41,8 @@ class Retraining:
     started: str | None = None  # the build's flow run id (deployment) or "in-process"
     state: str | None = None  # in-process: the build's final state (COMPLETED, FAILED)
     model_version: str | None = None  # in-process and completed: the version it registered
+    labelled: int | None = None  # labelled production images the build would add (None: it adds none)
+    note: str = ""  # why it did what it did
 
 
 @dataclass
@@ -110,13 +113,12 @@ def send_to_sink(due: list[alerts.Alert], sink: str, url: str | None) -> None:
     alerts.deliver(due, sink, url)
 
 
-def send_alerts(config: MonitorConfig, judged: report.MonitorReport, location: str) -> list[str]:
-    """Alert every breach of the alerting sections not sent within the quiet period."""
+def send_alerts(config: MonitorConfig, candidates: list[alerts.Alert]) -> list[str]:
+    """Send every alert of `candidates` not sent within the quiet period."""
     logger, policy = get_run_logger(), config.monitor.alerts
     state_path, now = config.paths.monitor / "alerts.json", datetime.now(UTC)
     sent = memory.load_state(state_path)
-    due = alerts.due_alerts(alerts.alerts_for(judged.breaches, policy.sections, judged.version, location),
-                            sent, window.parse_duration(policy.quiet_period), now)
+    due = alerts.due_alerts(candidates, sent, window.parse_duration(policy.quiet_period), now)
     if not due:
         return []
     sinks, problems = alerts.resolve_sinks(policy, os.environ)
@@ -130,8 +132,20 @@ def send_alerts(config: MonitorConfig, judged: report.MonitorReport, location: s
     return [a.key for a in due]
 
 
-def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, monitor_run_id: str, overrides: list[str]) -> Retraining:
-    """Start the build flow once per breach (cool-down), through its deployment or in-process.
+@task(**NETWORK)
+def count_labelled(config: MonitorConfig, classes: list[str], now: datetime) -> int:
+    """The labelled production images a retraining build would add (`monitor.retrain.production`)."""
+    production_window = config.monitor.retrain.production
+    start = None if production_window == "all" else now - window.parse_duration(production_window)
+    collected = production.collect(config.captures.url, config.records.dir, classes, config.captures.on_conflict, start)
+    return len(collected.joined.labelled)
+
+
+def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, classes: list[str], monitor_run_id: str,
+                   overrides: list[str]) -> Retraining:
+    """Start the build flow once per breach (cool-down), through its deployment or in-process,
+    on the source data plus the labelled production images of `monitor.retrain.production`
+    (waiting while there are fewer than `monitor.retrain.min_labelled`).
 
     The build gets this run's overrides that concern it (the same stores), then
     `monitor.retrain.overrides`.
@@ -140,20 +154,23 @@ def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, monitor_
     state_path, now = config.paths.monitor / "retrain.json", datetime.now(UTC)
     state = memory.load_state(state_path)
     last = datetime.fromisoformat(state["last"]) if "last" in state else None
+    breaches = [f"{s}.{c.name}" for s, c in judged.breaches]
+    wanted = policy.production is not None and any(b.split(".", 1)[0] in policy.sections for b in breaches)
+    labelled = count_labelled(config, classes, now) if wanted else None
     decision = retrain.retrain_policy(
-        [f"{s}.{c.name}" for s, c in judged.breaches], policy.sections, policy.mode,
-        window.parse_duration(policy.cooldown), last, now,
-        policy.mode != "in_process" and deployment_exists(policy.deployment),
+        breaches, policy.sections, policy.mode, window.parse_duration(policy.cooldown), last, now,
+        policy.mode != "in_process" and deployment_exists(policy.deployment), labelled, policy.min_labelled,
     )
-    result = Retraining(decision.kind.value, list(decision.reasons))
+    result = Retraining(decision.kind.value, list(decision.reasons), labelled=labelled, note=decision.note)
     if decision.kind is retrain.RetrainKind.MISSING_DEPLOYMENT:
         raise RuntimeError(f"monitor.retrain.deployment {policy.deployment} does not exist (mode: deployment)")
     if not decision.starts:
         if decision.reasons:
-            logger.info("retraining wanted (%s) but %s", ", ".join(decision.reasons), decision.note)
+            logger.warning("retraining wanted (%s) but %s", ", ".join(decision.reasons), decision.note)
         return result
     trigger = f"monitor/{flow_run.get_id() or monitor_run_id}"
-    build_overrides = [*overrides_for("build", overrides), *policy.overrides, f"trigger={trigger}"]
+    data = [f"data.production={policy.production}"] if policy.production else []
+    build_overrides = [*overrides_for("build", overrides), *data, *policy.overrides, f"trigger={trigger}"]
     if decision.kind is retrain.RetrainKind.DEPLOYMENT:
         result.started = start_deployment(policy.deployment, {"env": config.environment, "overrides": build_overrides})
     else:
@@ -190,9 +207,16 @@ def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorRes
     if judged.outcome == "no traffic":
         logger.info("no traffic for version %s in the last %s", ref.version, config.monitor.window)
         return result
-    result.alerts_sent = send_alerts(config, judged, location)
-    result.retrain = retrain_if_due(config, judged, run_id, overrides)
-    registry.log(run_id, tags={"mlops.retrain": result.retrain.started or "none", "mlops.retrain_decision": result.retrain.decision})
+    result.alerts_sent = send_alerts(
+        config, alerts.alerts_for(judged.breaches, config.monitor.alerts.sections, judged.version, location))
+    result.retrain = retrain_if_due(config, judged, classes, run_id, overrides)
+    registry.log(run_id, tags={"mlops.retrain": result.retrain.started or "none", "mlops.retrain_decision": result.retrain.decision,
+                               "mlops.retrain_labelled": str(result.retrain.labelled)})
+    if result.retrain.decision == retrain.RetrainKind.WAITING_FOR_LABELS:
+        waiting = alerts.waiting_for_labels(result.retrain.labelled, config.monitor.retrain.min_labelled, judged.version, location)
+        result.alerts_sent += send_alerts(config, [waiting])
+        create_markdown_artifact(f"Retraining waits for labels: {result.retrain.note}.\n", key=f"monitor-{config.environment}-retrain",
+                                 description="Retraining")
     logger.info("%s: %d requests, breaches %s", judged.outcome, judged.requests, result.breaches or "none")
     return result
 

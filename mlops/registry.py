@@ -290,18 +290,28 @@ def model_card(
     gate_markdown: str,
     lineage: dict[str, str],
     reproduce: str,
+    production: dict | None = None,
 ) -> str:
+    """The version's card: its data, test metrics, gate, lineage and the command that rebuilds
+    it; `production` is the manifest's section on the production images it was trained on."""
     per_class = "\n".join(
         f"| {cls} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
         for cls, s in evaluation["per_class"].items()
     )
     splits = ", ".join(f"{split} {sum(c.values())}" for split, c in data_counts.items())
     lines = "\n".join(f"- {key}: `{value}`" for key, value in lineage.items())
+    added = ""
+    if production:
+        per_split = "; ".join(f"{split}: {dict(c)}" for split, c in production["counts"].items())
+        added = (f"\nProduction images added: window `{production['window']}` ({production['first']} to"
+                 f" {production['last']}), on base data version `{production['base_version']}`; per split and"
+                 f" class: {per_split}; {len(production['rejected'])} rejected. Each file's request id, capture"
+                 " time and serving version are in the data version's `manifest.json`.\n")
     return f"""# Model card: {name}
 
 ## Data
 Data version (DVC): `{data_version}`; images per split: {splits}; classes: {len(evaluation['per_class'])}.
-
+{added}
 ## Test metrics
 Accuracy {evaluation['accuracy']:.4f}, macro F1 {evaluation['macro_f1']:.4f}, p95 latency {evaluation['latency_p95_ms']:.2f} ms (ONNX Runtime, one image per call).
 

@@ -81,3 +81,12 @@ def test_text_names_check_value_bound_and_version():
     text = alert.text()
     for part in ("drift/drift_share", "0.4567", "<= 0.3", "version 12", "http://r/1"):
         assert part in text, (part, text)
+
+
+def test_a_retrain_waiting_for_labels_alerts_with_the_count_and_the_minimum():
+    from mlops.monitor.alerts import waiting_for_labels
+
+    alert = waiting_for_labels(7, 20, "3", "http://r/2")
+    assert alert.key == "retrain.labelled_production_images@v3"
+    for part in ("retrain/labelled_production_images", "= 7", ">= 20", "version 3", "http://r/2"):
+        assert part in alert.text(), (part, alert.text())

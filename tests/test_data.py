@@ -28,6 +28,7 @@ def data_config(path: Path, **changes) -> DataConfig:
         "val_fraction": 0.2,
         "test_fraction": 0.2,
         "validation": validation,
+        "holdout": {"split": "time", "share": 0.3},
     } | changes
     return DataConfig.model_validate(raw)
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mlops.data.production import Label, join_labels, time_split
+from mlops.data.production import HOLDOUT, Label, Labelled, join_labels, split_production, time_split
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 CLASSES = ("cat", "dog")
@@ -108,3 +108,31 @@ def test_collect_joins_what_a_real_server_captured_with_the_feedback_it_recorded
     assert {c.request_id for c in joined.unlabelled} == set(ids[1:])  # ids[1]: conflicting, dropped
     assert joined.problem_counts() == {"conflicting": 1, "not_captured": 1}  # "cow" was refused by the server
     assert joined.labelled[0].capture.read_bytes() == png(0) and collected.unreadable == []
+
+
+def labelled(n_per_class: int, classes=CLASSES) -> list[Labelled]:
+    found, minute = [], 0
+    for name in classes:
+        for _ in range(n_per_class):
+            found.append(Labelled(Shot(f"r{minute:03d}", T0 + timedelta(minutes=minute)), name))
+            minute += 1
+    return found
+
+
+def test_the_production_split_holds_out_by_time_or_by_class_and_is_deterministic():
+    samples = labelled(10)  # cats first: the newest 30% are all dogs
+    by_time = split_production(samples, "time", 0.3, 0.2, seed=1)
+    assert {s.label for s in by_time[HOLDOUT]} == {"dog"} and len(by_time[HOLDOUT]) == 6
+    newest = min(s.capture.time for s in by_time[HOLDOUT])
+    assert all(s.capture.time < newest for part in ("train", "val") for s in by_time[part])
+
+    stratified = split_production(samples, "stratified", 0.3, 0.2, seed=1)
+    assert {label: sum(s.label == label for s in stratified[HOLDOUT]) for label in CLASSES} == {"cat": 3, "dog": 3}
+    assert {label: sum(s.label == label for s in stratified["val"]) for label in CLASSES} == {"cat": 1, "dog": 1}
+    assert split_production(list(reversed(samples)), "stratified", 0.3, 0.2, seed=1) == stratified
+    assert split_production(samples, "stratified", 0.3, 0.2, seed=2) != stratified
+    every = [s.capture.request_id for part in stratified.values() for s in part]
+    assert sorted(every) == sorted(s.capture.request_id for s in samples)  # each sample once
+
+    few = split_production(labelled(1) + labelled(2, ("fox",)), "stratified", 0.3, 0.2, seed=1)
+    assert [s.label for s in few[HOLDOUT]] == ["fox"]  # a class of one is never held out whole

@@ -45,9 +45,13 @@ class Prepared:
     counts: dict[str, dict[str, int]]  # split -> class -> images
     rejected: list[Rejected] = field(default_factory=list)
     capped: int = 0  # valid images left out by data.max_per_class
+    production: dict | None = None  # the manifest's section on labelled production images, if any
 
     def files(self, split: str) -> list[tuple[Path, int]]:
-        """(image path, class index) pairs of one split, in a stable order."""
+        """(image path, class index) pairs of one split, in a stable order; none for a split the
+        dataset does not have (the production holdout, in a dataset without production images)."""
+        if not (self.path / split).is_dir():
+            return []
         found = scan_classes(self.path / split, nested=False)
         return [(path, index) for index, name in enumerate(self.classes) for path in found.get(name, [])]
 
@@ -233,4 +237,5 @@ def load_prepared(path: Path) -> Prepared:
         manifest["counts"],
         [Rejected(**r) for r in manifest["rejected"]],
         manifest["capped"],
+        manifest.get("production"),
     )

@@ -10,12 +10,18 @@ is decided the same way in a test and in production:
   the rest for training.
 
 `collect` reads both sides from where the model servers wrote them (`captures.url`,
-`records.dir`) and joins them.
+`records.dir`) and joins them; `split_production` decides where each labelled image goes in a
+dataset and `add_production` puts them there: validated like any image, with the provenance of
+every file in the manifest, so the new data version needs no capture to be rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import random
+import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -146,3 +152,159 @@ def collect(
 
 def _aware(time: datetime | str) -> datetime:
     return (datetime.fromisoformat(time) if isinstance(time, str) else time).astimezone(UTC)
+
+
+# -- into a dataset -------------------------------------------------------------------------
+
+HOLDOUT = "holdout"  # the split folder of the production holdout
+PREFIX = "production__"  # file names of production images in a dataset: production__<request id>.<ext>
+
+
+def split_production(
+    samples: Sequence[Labelled], split: Literal["time", "stratified"], share: float, val_fraction: float, seed: int
+) -> dict[str, list[Labelled]]:
+    """train / val / holdout. The holdout is the newest `share` (time) or a seeded `share` of
+    each class (stratified, at least one of a class with two or more); the rest is split per
+    class like the source data, `val_fraction` of each class to val."""
+    if split == "time":
+        rest, holdout = time_split(samples, share)
+    else:
+        rest, holdout = [], []
+        for label, group in sorted(_by_class(samples).items()):
+            shuffled = _shuffled(group, f"{seed}:production-holdout:{label}")
+            n = len(shuffled)
+            held = min(max(1, math.floor(n * share + 0.5)), n - 1) if n >= 2 else 0
+            holdout += shuffled[:held]
+            rest += shuffled[held:]
+    parts: dict[str, list[Labelled]] = {"train": [], "val": [], HOLDOUT: _by_time(holdout)}
+    for label, group in sorted(_by_class(rest).items()):
+        shuffled = _shuffled(group, f"{seed}:production:{label}")
+        n_val = math.floor(len(shuffled) * val_fraction + 0.5)
+        parts["val"] += shuffled[:n_val]
+        parts["train"] += shuffled[n_val:]
+    return {name: _by_time(items) for name, items in parts.items()}
+
+
+def _by_class(samples: Iterable[Labelled]) -> dict[str, list[Labelled]]:
+    groups: dict[str, list[Labelled]] = defaultdict(list)
+    for sample in samples:
+        groups[sample.label].append(sample)
+    return groups
+
+
+def _by_time(samples: Iterable[Labelled]) -> list[Labelled]:
+    return sorted(samples, key=lambda s: (s.capture.time, s.capture.request_id))
+
+
+def _shuffled(samples: Iterable[Labelled], key: str) -> list[Labelled]:
+    ordered = sorted(samples, key=lambda s: s.capture.request_id)
+    random.Random(key).shuffle(ordered)
+    return ordered
+
+
+@dataclass(frozen=True)
+class Added:
+    """What `add_production` put in a dataset."""
+
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+    rejected: list[dict]  # request_id, kind, detail: failed validation, unreadable or changed since capture
+    manifest: dict  # the manifest's "production" section
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c.values()) for c in self.counts.values())
+
+
+def add_production(
+    dataset: Path, samples: Sequence[Labelled], split: Literal["time", "stratified"], share: float,
+    val_fraction: float, seed: int, policy, quarantine_dir: Path, provenance: dict,
+) -> Added:
+    """Copy the labelled production images into the prepared dataset at `dataset` (its
+    `manifest.json` gains a "production" section: `provenance`, the counts and every file's
+    request id, capture time, serving version, label and sha256).
+
+    Each image is checked like a source image (`policy`: a ValidationPolicy) and against the
+    sha256 its capture recorded; a failure is copied under `quarantine_dir` with a report and
+    left out. The source data's splits are not touched, so its test split stays the old world's."""
+    from mlops.data.ingest import MANIFEST, inspect_image
+
+    staging = dataset.parent / f".{dataset.name}.production"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    usable, rejected = [], []
+    try:
+        for sample in samples:
+            capture = sample.capture
+            name = PREFIX + capture.image_url.rsplit("/", 1)[-1]
+            try:
+                data = capture.read_bytes()
+            except Exception as error:  # noqa: BLE001 - expired or unreachable: reported, not fatal
+                rejected.append({"request_id": capture.request_id, "kind": "unreadable", "detail": f"{type(error).__name__}: {error}"[:200]})
+                continue
+            path = staging / name
+            path.write_bytes(data)
+            if hashlib.sha256(data).hexdigest() != capture.sha256:
+                problem = ("changed", "its bytes no longer match the sha256 recorded at capture")
+            else:
+                problem = inspect_image(path, policy)
+            if problem is None:
+                usable.append((sample, path))
+            else:
+                rejected.append({"request_id": capture.request_id, "kind": problem[0], "detail": problem[1]})
+                target = quarantine_dir / problem[0] / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+        if rejected:
+            quarantine_dir.mkdir(parents=True, exist_ok=True)
+            (quarantine_dir / "report.json").write_text(json.dumps(rejected, indent=2))
+
+        staged = {id(sample): path for sample, path in usable}
+        parts = split_production([sample for sample, _ in usable], split, share, val_fraction, seed)
+        counts: dict[str, dict[str, int]] = {}
+        files = []
+        for part, chosen in parts.items():
+            counts[part] = dict(sorted(_counts(chosen).items()))
+            for sample in chosen:
+                source = staged[id(sample)]
+                target = dataset / part / sample.label / source.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(source, target)
+                capture = sample.capture
+                files.append({
+                    "file": str(target.relative_to(dataset)), "request_id": capture.request_id,
+                    "time": capture.time.isoformat(), "model_version": capture.model_version,
+                    "label": sample.label, "sha256": capture.sha256,
+                })
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    section = provenance | {"counts": counts, "rejected": rejected, "files": sorted(files, key=lambda f: f["file"])}
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    manifest["production"] = section
+    for part, per_class in counts.items():
+        merged = manifest["counts"].setdefault(part, {})
+        for label, n in per_class.items():
+            merged[label] = merged.get(label, 0) + n
+    (dataset / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return Added(counts, rejected, section)
+
+
+def _counts(samples: Iterable[Labelled]) -> dict[str, int]:
+    return {label: len(group) for label, group in _by_class(samples).items()}
+
+
+def production_tags(section: dict | None) -> dict[str, str]:
+    """Lineage tags of a dataset's production images: base version, window, count per class."""
+    if not section:
+        return {}
+    per_class: dict[str, int] = defaultdict(int)
+    for counts in section["counts"].values():
+        for label, n in counts.items():
+            per_class[label] += n
+    return {
+        "data_base_version": section["base_version"],
+        "data_production_window": f"{section['window']} ({section['first']} to {section['last']})",
+        "data_production_counts": json.dumps(dict(sorted(per_class.items())), separators=(",", ":")),
+        "data_production_holdout": str(sum(section["counts"].get(HOLDOUT, {}).values())),
+    }

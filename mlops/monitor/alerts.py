@@ -42,6 +42,11 @@ def alerts_for(breaches: list[tuple[str, Check]], sections: list[str], version: 
     return [Alert(s, c.name, c.value, c.bound, c.op, version, report) for s, c in breaches if s in sections]
 
 
+def waiting_for_labels(labelled: int, min_labelled: int, version: str, report: str) -> Alert:
+    """Retraining is due but waits: too few labelled production images to train on."""
+    return Alert("retrain", "labelled_production_images", labelled, min_labelled, ">=", version, report)
+
+
 def resolve_sinks(policy: AlertPolicy, environ: Mapping[str, str]) -> tuple[dict[str, str | None], list[str]]:
     """sink name -> URL (None for `log`) of every configured sink, and a problem line for each
     sink whose variable is unset (that sink is left out, the others still get the alerts)."""

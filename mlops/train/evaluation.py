@@ -23,8 +23,8 @@ class Evaluation(Classification):
 
     classes: list[str]
     images: int
-    latency_p50_ms: float
-    latency_p95_ms: float
+    latency_p50_ms: float | None  # None: not measured (latency_images=0)
+    latency_p95_ms: float | None
 
     def metrics(self, prefix: str = "test_") -> dict[str, float]:
         flat = {
@@ -37,7 +37,7 @@ class Evaluation(Classification):
         }
         for name, scores in self.per_class.items():
             flat |= {f"{key}_{name}": value for key, value in scores.items() if key != "support"}
-        return {prefix + key: float(value) for key, value in flat.items()}
+        return {prefix + key: float(value) for key, value in flat.items() if value is not None}
 
 
 def classify(model: OnnxClassifier, files: list[tuple[Path, int]], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -64,10 +64,11 @@ def measure_latency(model: OnnxClassifier, files: list[tuple[Path, int]], count:
 
 
 def evaluate(model: OnnxClassifier, files: list[tuple[Path, int]], latency_images: int) -> Evaluation:
+    """Metrics on `files`, and the latency of `latency_images` one-image calls (0: not measured)."""
     classes = list(model.spec.classes)
     truth, predicted = classify(model, files)
     scores = classification(truth, predicted, range(len(classes)), classes)
-    p50, p95 = measure_latency(model, files, latency_images)
+    p50, p95 = measure_latency(model, files, latency_images) if latency_images else (None, None)
     return Evaluation(**asdict(scores), classes=classes, images=len(truth), latency_p50_ms=p50, latency_p95_ms=p95)
 
 
@@ -115,6 +116,24 @@ class Holdout:
     new: Evaluation
     production: Evaluation | None
     label: str  # "production v3 on 42 production images"
+
+
+def comparison(new: Evaluation, baseline: Baseline | None, holdout: Holdout | None) -> str:
+    """A markdown table: the new model and the production model side by side, on the original
+    test split and, when there is one, on the production holdout."""
+    label = baseline.label if baseline and baseline.evaluation else "production"
+    rows = [("original test split", new, baseline.evaluation if baseline else None)]
+    if holdout is not None:
+        rows.append(("production holdout", holdout.new, holdout.production))
+
+    def cell(evaluation: Evaluation | None, metric: str) -> str:
+        return "-" if evaluation is None else f"{getattr(evaluation, metric):.4f}"
+
+    lines = [f"| data | images | metric | new | {label} |", "|---|---:|---|---:|---:|"]
+    for name, mine, theirs in rows:
+        for metric in ("accuracy", "macro_f1"):
+            lines.append(f"| {name} | {mine.images} | {metric.replace('_', ' ')} | {cell(mine, metric)} | {cell(theirs, metric)} |")
+    return "\n".join(lines)
 
 
 def holdout_check(holdout: Holdout | None, thresholds: GateThresholds) -> Check:
