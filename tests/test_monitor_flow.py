@@ -130,8 +130,26 @@ def test_drift_alerts_once_and_retrains_once(workspace):
     client = MlflowClient(uri, uri)
     builds = client.search_runs([client.get_experiment_by_name(MODEL).experiment_id], "tags.`mlops.trigger` LIKE 'monitor/%'")
     assert len(builds) == 1
+    tags = builds[0].data.tags  # the build added what production saw, labelled
+    assert first.retrain.labelled >= 20 and tags["mlops.data_production_window"].startswith("7d (")
+    assert sum(json.loads(tags["mlops.data_production_counts"]).values()) >= 20
+    gate = json.loads(Path(client.download_artifacts(builds[0].info.run_id, "gate/report.json")).read_text())
+    assert [c["name"] for c in gate["sections"]["production holdout"]] == ["holdout_accuracy"]
     monitor_runs = client.search_runs([client.get_experiment_by_name(f"{MODEL}-monitor").experiment_id])
     assert sum(r.data.tags.get("mlops.retrain", "none") != "none" for r in monitor_runs) == 1
     assert {r.info.status for r in monitor_runs} == {"FINISHED"}, "a monitor run was left RUNNING"
     report = Path(first.report.removeprefix("file://")).read_text()
     assert "brightness (drifted)" in report or "brightness: reference vs current" in report
+
+
+def test_with_too_few_labels_the_retrain_waits_and_says_why(workspace):
+    overrides = [*scenario(workspace, "drift"), f"paths.monitor={workspace}/monitor/drift-waiting",
+                 "monitor.retrain.min_labelled=100000"]  # the drift scenario's traffic, a fresh memory
+    with Receiver() as receiver:
+        result = run_monitor(overrides, receiver)
+    assert result.outcome == "breach" and result.retrain.decision == "waiting_for_labels"
+    assert result.retrain.started is None and "fewer than monitor.retrain.min_labelled (100000)" in result.retrain.note
+    assert "retrain.labelled_production_images@v1" in result.alerts_sent
+    waiting = [a for _, body in receiver.received if "alerts" in body for a in body["alerts"] if a["section"] == "retrain"]
+    assert len(waiting) == 1 and waiting[0]["bound"] == 100000 and waiting[0]["value"] == result.retrain.labelled
+    assert not (workspace / "monitor" / "drift-waiting" / "retrain.json").exists()  # no cool-down started
