@@ -75,8 +75,21 @@ def test_demo_runs_the_loop_and_the_retrained_version_passes_the_gates_again(run
     assert summary["release"].startswith("version 1 live on http://127.0.0.1:")
     assert summary["monitor"].startswith("breach: ") and "drift.drifted_share" in summary["monitor"]
     assert "drift.drifted_share@v1" in summary["alerts"]
-    assert summary["retrain"] == "in-process, COMPLETED, model version 2"
+    assert summary["retrain"].startswith("in-process, COMPLETED, model version 2 (")
     assert summary["retrained version in test"] == "version 2 approved"
+    assert summary["retrained release"].startswith("version 2 live on http://127.0.0.1:")
+
+
+def test_the_retrained_release_wins_back_the_drifted_accuracy_measured_through_http(run):
+    """The issue's promise: production data flows back. On held-out test images (clean and
+    brightened, never trained on), through the production server before and after."""
+    _, summary, messages = run
+    recovery = summary["recovery"]
+    assert (recovery.old, recovery.new) == ("1", "2")
+    assert recovery.old_clean - recovery.old_drifted >= 0.3, recovery  # the drift hurt
+    assert recovery.new_drifted >= recovery.old_drifted + 0.25, recovery  # and retraining on what production saw helped
+    assert recovery.new_clean >= recovery.old_clean - 0.15, recovery  # without forgetting the clean world
+    assert any("| brightened (the drift) |" in m and "won back" in m for m in messages)
 
 
 def test_the_printed_stop_command_stops_production_from_a_fresh_shell(run):
