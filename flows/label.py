@@ -70,13 +70,7 @@ def default_window(config: MonitorConfig) -> str:
 
 def gather(config: MonitorConfig, classes: list[str], window: str, now: datetime) -> production.Collected:
     """Captures of the window (`all`: every one kept) joined with their feedback."""
-    if window == "all":  # from the first capture kept: collect reads the feedback written from its start on
-        from mlops.serve.capture import read_captures
-
-        first = read_captures(config.captures.url).captured
-        start = first[0].time if first else now
-    else:
-        start = now - parse_duration(window)
+    start = None if window == "all" else now - parse_duration(window)
     return production.collect(config.captures.url, config.records.dir, classes, config.captures.on_conflict, start)
 
 

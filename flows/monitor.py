@@ -54,6 +54,7 @@ class MonitorResult:
     alerts_sent: list[str] = field(default_factory=list)
     retrain: Retraining | None = None
     report: str | None = None  # where the HTML report is
+    to_label: str | None = None  # the active-labelling export of this run (monitor.labelling)
 
 
 @task(**NETWORK)
@@ -187,6 +188,14 @@ def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, classes:
     return result
 
 
+@task(**NETWORK)
+def label_least_confident(config: MonitorConfig, classes: list[str]):
+    """`monitor.labelling.export` unlabelled captures, least confident first, for a person to label."""
+    from flows.label import export_for_monitor  # flows.label imports this module
+
+    return export_for_monitor(config, classes, datetime.now(UTC))
+
+
 @flow(name="monitor", log_prints=True)
 def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorResult:
     """Analyse the last `monitor.window` of traffic in environment `env`."""
@@ -217,6 +226,10 @@ def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorRes
         result.alerts_sent += send_alerts(config, [waiting])
         create_markdown_artifact(f"Retraining waits for labels: {result.retrain.note}.\n", key=f"monitor-{config.environment}-retrain",
                                  description="Retraining")
+    exported = label_least_confident(config, classes)
+    if exported is not None:
+        result.to_label = str(exported)
+        logger.info("the least confident unlabelled captures are waiting for a person in %s", exported)
     logger.info("%s: %d requests, breaches %s", judged.outcome, judged.requests, result.breaches or "none")
     return result
 

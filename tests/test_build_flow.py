@@ -142,3 +142,10 @@ def test_pinned_data_version_reproduces_the_dataset(first_build, workspace):
     assert result.reused_run_id == first_build.run_id  # same data, config and code: same model
     prepared = load_prepared(dataset_dir(workspace / "dvc", "digits"))
     assert sum(prepared.counts["test"].values()) == 60
+
+
+def test_asking_for_production_images_where_none_are_labelled_is_a_clear_error(first_build, workspace, tmp_path):
+    state = run_build(workspace, "data.production=24h", f"captures.url={tmp_path / 'no-captures'}")
+    assert state.is_failed()
+    assert "data.production=24h" in state.message and "no labelled production image" in state.message
+    assert "python -m flows.label import" in state.message  # and how to get some

@@ -144,7 +144,7 @@ def test_drift_alerts_once_and_retrains_once(workspace):
 
 def test_with_too_few_labels_the_retrain_waits_and_says_why(workspace):
     overrides = [*scenario(workspace, "drift"), f"paths.monitor={workspace}/monitor/drift-waiting",
-                 "monitor.retrain.min_labelled=100000"]  # the drift scenario's traffic, a fresh memory
+                 "monitor.retrain.min_labelled=100000", "monitor.labelling.export=5"]  # the drift scenario's traffic, a fresh memory
     with Receiver() as receiver:
         result = run_monitor(overrides, receiver)
     assert result.outcome == "breach" and result.retrain.decision == "waiting_for_labels"
@@ -153,3 +153,7 @@ def test_with_too_few_labels_the_retrain_waits_and_says_why(workspace):
     waiting = [a for _, body in receiver.received if "alerts" in body for a in body["alerts"] if a["section"] == "retrain"]
     assert len(waiting) == 1 and waiting[0]["bound"] == 100000 and waiting[0]["value"] == result.retrain.labelled
     assert not (workspace / "monitor" / "drift-waiting" / "retrain.json").exists()  # no cool-down started
+    exported = Path(result.to_label)  # meanwhile a person gets the images the model was least sure of
+    assert exported.parent == workspace / "monitor" / "drift-waiting" / "labelling"
+    rows = (exported / "tasks.csv").read_text().splitlines()[1:]
+    assert len(rows) == 5 and len(list((exported / "unlabelled").iterdir())) == 5

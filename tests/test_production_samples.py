@@ -108,6 +108,8 @@ def test_collect_joins_what_a_real_server_captured_with_the_feedback_it_recorded
     assert {c.request_id for c in joined.unlabelled} == set(ids[1:])  # ids[1]: conflicting, dropped
     assert joined.problem_counts() == {"conflicting": 1, "not_captured": 1}  # "cow" was refused by the server
     assert joined.labelled[0].capture.read_bytes() == png(0) and collected.unreadable == []
+    everything = collect(str(captures), records, ("cat", "dog", "fox"), "drop", None)  # data.production=all
+    assert everything.joined.labelled == joined.labelled
 
 
 def labelled(n_per_class: int, classes=CLASSES) -> list[Labelled]:

@@ -139,13 +139,16 @@ def collect(
     captures_url: str, records_dir: Path, classes: Sequence[str], on_conflict: OnConflict, start: datetime,
     end: datetime | None = None,
 ) -> Collected:
-    """The requests captured in [start, end) joined with every feedback label written since
-    `start` (a label arrives after its request, sometimes days after)."""
+    """The requests captured in [start, end) (None: unbounded) joined with every feedback label
+    written since `start` (a label arrives after its request, sometimes days after)."""
     from mlops.serve.capture import read_captures
     from mlops.serve.records import read_window
 
     captures = read_captures(captures_url, start, end)
-    feedback = read_window(records_dir, "feedback", start, datetime.now(UTC) + timedelta(hours=1))
+    now = datetime.now(UTC)
+    # no start (all that is stored): a label comes after its request, so none before the oldest capture
+    since = start or (captures.captured[0].time if captures.captured else now)
+    feedback = read_window(records_dir, "feedback", since, now + timedelta(hours=1))
     labels = [Label(r["request_id"], r["label"], _aware(r["time"])) for r in feedback.records]
     return Collected(join_labels(captures.captured, labels, classes, on_conflict), captures.unreadable + feedback.unreadable)
 
