@@ -105,6 +105,12 @@ def add_production_data(config: BuildConfig, prepared: ingest.Prepared, base_ver
         raise ingest.DataError(f"data.production={data.production}", [f"all {len(joined.labelled)} labelled production images were rejected"])
     logger.info("added %d labelled production images from %s %s (%d unlabelled, label problems %s): %s",
                 added.total, redact(url), since, len(joined.unlabelled), joined.problem_counts() or "none", added.counts)
+    rows = "\n".join(f"| {split} | {sum(c.values())} | {c} |" for split, c in added.counts.items())
+    create_markdown_artifact(
+        f"Added {added.total} labelled production images ({redact(url)}, {since}) to base data version"
+        f" `{base_version}`; {len(added.rejected)} rejected, {len(joined.unlabelled)} captured without a label,"
+        f" label problems {joined.problem_counts() or 'none'}.\n\n| split | images | per class |\n|---|---:|---|\n{rows}\n",
+        key="production-data", description="Labelled production images in this build")
     return ingest.load_prepared(prepared.path)
 
 

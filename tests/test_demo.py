@@ -85,6 +85,8 @@ def test_the_retrained_release_wins_back_the_drifted_accuracy_measured_through_h
     brightened, never trained on), through the production server before and after."""
     _, summary, messages = run
     recovery = summary["recovery"]
+    print(f"held-out accuracy, clean / brightened: v1 {recovery.old_clean:.3f} / {recovery.old_drifted:.3f},"
+          f" v2 {recovery.new_clean:.3f} / {recovery.new_drifted:.3f}")  # for the record (pytest -s)
     assert (recovery.old, recovery.new) == ("1", "2")
     assert recovery.old_clean - recovery.old_drifted >= 0.3, recovery  # the drift hurt
     assert recovery.new_drifted >= recovery.old_drifted + 0.25, recovery  # and retraining on what production saw helped

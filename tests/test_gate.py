@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from mlops.config import GateThresholds
-from mlops.train.evaluation import Baseline, Evaluation, Holdout, gate, holdout_check
+from mlops.train.evaluation import Baseline, Evaluation, Holdout, comparison, gate, holdout_check
 
 THRESHOLDS = GateThresholds(
     min_accuracy=0.8, min_class_recall=0.7, max_recall_gap=0.2,
@@ -112,3 +112,15 @@ def test_without_a_holdout_the_gate_has_no_holdout_section_and_a_holdout_without
     (check,) = gate(evaluation(), THRESHOLDS, None, holdout(0.9, None)).sections["production holdout"]
     assert check.passed is None and "no production model and no floor" in check.note
     assert holdout_check(None, THRESHOLDS).passed is None
+
+
+def test_the_comparison_sets_new_and_production_side_by_side_on_both_splits():
+    table = comparison(evaluation(0.91, macro_f1=0.9), Baseline("production v1", evaluation(0.93, macro_f1=0.92)),
+                       holdout(0.80, 0.35))
+    lines = table.splitlines()
+    assert lines[0] == "| data | images | metric | new | production v1 |"
+    assert "| original test split | 20 | accuracy | 0.9100 | 0.9300 |" in lines
+    assert "| original test split | 20 | macro f1 | 0.9000 | 0.9200 |" in lines
+    assert any(line.startswith("| production holdout |") and "| accuracy | 0.8000 | 0.3500 |" in line for line in lines)
+    alone = comparison(evaluation(), Baseline("no production model yet: comparison skipped"), None)
+    assert "production holdout" not in alone and "| 0.9000 | - |" in alone  # nothing to compare with
