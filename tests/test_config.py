@@ -60,6 +60,7 @@ def test_an_unknown_key_in_any_flow_names_the_key(flow):
         load_config(flow, "test", ["mlflow.tracking_urii=x"])
 
 
+@pytest.mark.slow  # starts processes: kept out of the fast tier
 def test_deploy_and_monitor_validate_without_torchvision_or_a_data_path(tmp_path):
     """Loading and validating their configs (the data=imagefolder path unset) imports no torch."""
     code = (
@@ -178,6 +179,7 @@ def run_cli(*args: str, workspace: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # starts processes: kept out of the fast tier
 def test_cli_rejects_a_bad_value_with_the_key_and_no_traceback(tmp_path):
     result = run_cli("train.max_epochs=abc", workspace=tmp_path)
     assert result.returncode == 2

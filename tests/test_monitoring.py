@@ -150,6 +150,7 @@ def test_alerts_reach_a_webhook_and_slack_receiver(tmp_path):
         alerts.deliver([alert], "webhook", receiver.url + "/hook")
 
 
+@pytest.mark.slow  # starts processes: kept out of the fast tier
 def test_whylogs_works_under_numpy_2_only_through_the_fix():
     frame = "import pandas as pd; df = pd.DataFrame({'a': [1.0, 2.0], 'b': ['x', 'y']})"
     bare = subprocess.run([sys.executable, "-c", f"{frame}; import whylogs; whylogs.log(df)"], capture_output=True, text=True, check=False)

@@ -48,6 +48,7 @@ def test_the_document_declares_bodies_errors_and_security(server):
         assert schemes is None and "security" not in predict
 
 
+@pytest.mark.slow  # runs schemathesis as a process: kept out of the fast tier
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_path):
     url, token = server
     command = [

@@ -21,6 +21,7 @@ def certificate(tmp_path_factory):
     return self_signed(tmp_path_factory.mktemp("tls"))
 
 
+@pytest.mark.slow  # starts a server process: kept out of the fast tier
 def test_the_server_speaks_https_only_and_its_clients_verify_it(tiny_onnx, certificate, tmp_path, monkeypatch):
     cert, key = certificate
     register_tiny(tiny_onnx, tmp_path)
