@@ -140,7 +140,8 @@ def test_the_monitors_retraining_trigger_starts_the_build_deployment(stack):
     state = deploy(env="test", overrides=[f"serve.port={port}", "deploy.keep_test_server=true"], return_state=True)
     assert state.is_completed(), state.message
     images = traffic.load_images(dataset_dir(home / "workspace" / "dvc", "digits") / "test")
-    assert traffic.replay(f"http://127.0.0.1:{port}", images, requests=120, drift="brightness").ok == 120
+    replayed = traffic.replay(f"http://127.0.0.1:{port}", images, requests=120, drift="brightness", feedback_share=0.5)
+    assert replayed.ok == 120 and replayed.feedback_sent == 60  # labels: the build adds what production saw
     time.sleep(1.5)
     state = monitor(env="test", overrides=["monitor.retrain.mode=deployment"], return_state=True)
     assert state.is_completed(), state.message
@@ -151,6 +152,7 @@ def test_the_monitors_retraining_trigger_starts_the_build_deployment(stack):
     newest = max(runs, key=lambda r: r["created"])
     assert newest["state_type"] == "COMPLETED"
     assert any(o.startswith("trigger=monitor/") for o in newest["parameters"]["overrides"])
+    assert "data.production=7d" in newest["parameters"]["overrides"] and retrain.labelled >= 20
 
 
 def test_a_passing_build_starts_the_test_deployment_when_chained(stack):
