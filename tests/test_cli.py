@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_sweep_runs_one_flow_per_model_and_registers_each(tmp_path):
     env = os.environ | {"MLOPS_WORKSPACE": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect")}
-    result = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-m", "flows.build", "-m", "model=resnet18,mobilenet_v3_small", "train.progress_bar=false"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=env | {"PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        _, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:  # once seen in CI: say where every thread waits
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate()
+        pytest.fail(f"the sweep hung for 600 s; its threads:\n{stderr[-8000:]}")
+    assert process.returncode == 0, stderr[-3000:]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri, uri)
     versions = client.search_model_versions("name = 'image-classifier'")
