@@ -11,26 +11,61 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from mlops.config import SCHEMAS, ConfigError, renamed, validate_config
+from mlops.config import SCHEMAS, ConfigError, validate_config
+from mlops.config.common import did_you_mean, schema_keys, unknown_key
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def check_renamed(overrides: list[str]) -> None:
-    """An override of a key that moved fails with its new name (Hydra would only say 'not in struct')."""
+def groups_of(config_name: str) -> dict[str, list[str]]:
+    """The config groups a primary config chooses from (its defaults list) and their options."""
+    defaults = yaml.safe_load((CONF_DIR / f"{config_name}.yaml").read_text())["defaults"]
+    names = [next(iter(entry)) for entry in defaults if isinstance(entry, dict)]
+    return {name: sorted(path.stem for path in (CONF_DIR / name).glob("*.yaml"))
+            for name in names if " " not in name and "/" not in name}
+
+
+def check_overrides(config_name: str, overrides: list[str]) -> None:
+    """Every override names a key of the flow's schema or an option of one of its groups; else
+    a ConfigError per mistake, with the new name of a renamed key or the closest known name.
+
+    Hydra would say "Key 'max_epoch' is not in struct" or "Could not find 'modle'" and exit 1."""
+    groups, keys = groups_of(config_name), schema_keys(SCHEMAS[config_name])
     problems = []
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if "=" in override and renamed(key):
-            problems.append(f"{key}: renamed to {renamed(key)}")
+        key, sep, value = override.partition("=")
+        if not sep or key.startswith(("+", "~", "hydra.", "hydra/")):
+            continue  # Hydra's own syntax for adding and deleting keys, and Hydra's settings
+        if key in groups:
+            if "(" in value:
+                continue  # a sweep function: choice(...), range(...), glob(...)
+            for option in value.split(","):
+                if option not in groups[key]:
+                    close = did_you_mean(option, groups[key])
+                    problems.append(f"{key}={option}: no such option in conf/{key}/ ({', '.join(groups[key])})"
+                                    + (f"; did you mean `{key}={close}`?" if close else ""))
+        elif key not in keys and not _inside_a_leaf(key, keys):
+            problems.append(unknown_key(key, [*keys, *groups], f"the {config_name} config"))
     if problems:
         raise ConfigError(problems)
+
+
+def _inside_a_leaf(key: str, keys: list[str]) -> bool:
+    """`monitor.drift.features.brightness`: under a key that has no sub-keys (a free mapping),
+    which that key's own validator checks."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in keys:
+            return not any(k.startswith(prefix + ".") for k in keys)
+    return False
 
 
 def overrides_for(config_name: str, overrides: list[str]) -> list[str]:
@@ -45,7 +80,7 @@ def overrides_for(config_name: str, overrides: list[str]) -> list[str]:
 
 def load_config(config_name: str, env: str, overrides: list[str]):
     """Compose `conf/<config_name>.yaml` with `env=<env>` and `overrides`, then validate it."""
-    check_renamed(overrides)
+    check_overrides(config_name, overrides)
     try:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
             cfg = compose(config_name, overrides=[f"env={env}", *overrides])
@@ -82,7 +117,7 @@ def run_cli(config_name: str, run: Callable[[str, list[str]], object]) -> None:
     """
     jobs: list[tuple[str, list[str]]] = []
     try:
-        check_renamed([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+        check_overrides(config_name, [arg for arg in sys.argv[1:] if not arg.startswith("-")])
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

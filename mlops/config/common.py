@@ -5,7 +5,10 @@ is validated: `validate_config` turns a composed dict into a flow's schema or ra
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,18 +169,56 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n" + "\n".join(f"  {p}" for p in problems))
 
 
+def schema_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of `schema`: its fields, and those of the sections inside it (a field
+    holding a free mapping, such as `monitor.drift.features`, is one key: what is under it is
+    checked by its own validator)."""
+    keys = []
+    for name, field in schema.model_fields.items():
+        key = prefix + name
+        keys.append(key)
+        if typing.get_origin(field.annotation) is dict:
+            continue
+        options = typing.get_args(field.annotation) or (field.annotation,)  # X, or X | None
+        nested = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            keys += schema_keys(nested[0], key + ".")
+    return keys
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str | None:
+    """The known name closest to a mistyped one (`train.max_epoch` -> `train.max_epochs`,
+    `modle` -> `model`), or None when nothing is close."""
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if not close and "." in key:  # the last part mistyped under a right parent: compare it alone
+        parent, last = key.rsplit(".", 1)
+        siblings = {k.rsplit(".", 1)[1]: k for k in known if k.startswith(parent + ".") and "." not in k[len(parent) + 1:]}
+        close = [siblings[m] for m in difflib.get_close_matches(last, list(siblings), n=1, cutoff=0.6)]
+    return close[0] if close else None
+
+
+def unknown_key(key: str, known: Iterable[str], what: str) -> str:
+    """The problem line for a key that is not in `known`: renamed, a close name, or neither."""
+    if renamed(key):
+        return f"{key}: renamed to {renamed(key)}"
+    close = did_you_mean(key, known)
+    return f"{key}: not a key of {what}" + (f"; did you mean `{close}`?" if close else "")
+
+
 def validate_config(raw: dict[str, Any], schema: type[Section]) -> Any:
     try:
         return schema.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError([_describe(e) for e in error.errors()]) from None
+        keys = schema_keys(schema)
+        raise ConfigError([_describe(e, keys) for e in error.errors()]) from None
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, keys: list[str]) -> str:
     path = ".".join(str(part) for part in error["loc"]) or "<root>"
     message = error["msg"]
-    if error["type"] == "extra_forbidden" and renamed(path):
-        message = f"renamed to {renamed(path)}"
+    if error["type"] == "extra_forbidden":
+        return unknown_key(path, keys, "this config")
     elif error["type"] not in ("missing", "extra_forbidden") and "input" in error:
         message += f" (got {error['input']!r})"
     return f"{path}: {message}"
