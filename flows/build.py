@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.chain import start_deployment
 from flows.config import load_config, run_cli, to_yaml
+from mlops import summary
 from mlops.checks import Report
 from mlops.config import BuildConfig, DataConfig, DvcConfig, ExportConfig
 from mlops.data import ingest, production, versioning
@@ -60,6 +61,9 @@ class BuildResult:
 def prepare_data(data: DataConfig, seed: int, workspace: Path, dvc: DvcConfig) -> ingest.Prepared:
     """Materialize, validate and split the dataset into the DVC project."""
     prepared = ingest.prepare_dataset(data, seed, workspace, dataset_dir(dvc.repo, data.name))
+    if prepared.capped:
+        get_run_logger().warning("%d valid images left out by data.max_per_class=%s (data.max_per_class=null keeps them all)",
+                                 prepared.capped, data.max_per_class)
     if prepared.rejected:
         get_run_logger().warning(
             "%d images quarantined under %s:\n%s",
@@ -284,7 +288,23 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
         markdown = report.to_markdown() + "\n\n" + evaluation.comparison(new, baseline, holdout) + "\n"
         log_evaluation(registry, run_id, new, baseline, holdout, report, markdown, workdir)
         create_markdown_artifact(markdown, key="gate-report", description="Build gate")
+
+        def summarize(version: str | None) -> None:
+            prepared = dataset.prepared
+            text = summary.build_summary(
+                model=ref.name if version else config.mlflow.registered_model, data_version=dataset.version,
+                counts=prepared.counts, quarantined=len(prepared.rejected),
+                quarantine_dir=str(workspace / "quarantine" / data.name), capped=prepared.capped,
+                max_per_class=data.max_per_class, production=prepared.production,
+                metrics={"accuracy": new.accuracy, "macro_f1": new.macro_f1, "p95_latency_ms": new.latency_p95_ms},
+                report=report, version=version, alias=config.mlflow.candidate_alias,
+                tracking_uri=config.mlflow.tracking_uri, run_id=run_id,
+            )
+            logger.info("summary\n%s", text)
+            create_markdown_artifact(text, key="build-summary", description="Build summary")
+
         if not report.passed:
+            summarize(None)
             raise GateFailed(f"gate failed: {report.describe_failures()}")
 
         tags = trace | {
@@ -306,6 +326,7 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
                     config.mlflow.candidate_alias)
         chained = start_deployment(config.chain.after_build) if config.chain.after_build else None
         registry.log(run_id, tags={"mlops.model_version": ref.version, "mlops.chained": chained or "none"})
+        summarize(ref.version)
     return BuildResult(run_id, dataset.version, ref.name, ref.version, reused, chained)
 
 

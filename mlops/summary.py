@@ -1,0 +1,50 @@
+"""What a flow run tells the person who started it, at its end: one markdown text for the console
+and the run's Prefect artifact. Pure functions of what the run produced."""
+
+from __future__ import annotations
+
+from mlops.checks import Report, fmt
+from mlops.serve.capture import redact
+
+
+def build_summary(
+    *,
+    model: str,
+    data_version: str,
+    counts: dict[str, dict[str, int]],
+    quarantined: int,
+    quarantine_dir: str,
+    capped: int,
+    max_per_class: int | None,
+    production: dict | None,
+    metrics: dict[str, float | None],
+    report: Report,
+    version: str | None,
+    alias: str | None,
+    tracking_uri: str,
+    run_id: str,
+) -> str:
+    """The build's result: data, model version, test metrics, the gate per check, where to look."""
+    splits = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items())
+    lines = [f"## Build: {'registered ' + model + ' version ' + version if version else 'nothing registered'}", "",
+             f"- data version `{data_version}`: {splits} images"]
+    if quarantined:
+        lines.append(f"- {quarantined} invalid images quarantined in {quarantine_dir} (report.json says why)")
+    if capped:
+        lines.append(f"- {capped} valid images left out by data.max_per_class={max_per_class}"
+                     " (data.max_per_class=null keeps them all)")
+    if production:
+        added = sum(sum(c.values()) for c in production["counts"].values())
+        lines.append(f"- {added} labelled production images added (window {production['window']}) on base data"
+                     f" version `{production['base_version']}`")
+    shown = ", ".join(f"{name.replace('_', ' ')} {fmt(value)}" for name, value in metrics.items() if value is not None)
+    lines += [f"- test split: {shown}", "",
+              f"**Gate: {'PASSED' if report.passed else 'FAILED'}**", "", "| section | check | value | bound | verdict |",
+              "|---|---|---:|---|---|"]
+    lines += [f"| {section} | {c.name} | {fmt(c.value)} | {c.op} {fmt(c.bound)} | {c.verdict} |"
+              for section, checks in report.sections.items() for c in checks]
+    lines.append("")
+    if version:
+        lines.append(f"- alias `{alias}` -> version {version}")
+    lines.append(f"- look further: `mlflow ui --backend-store-uri {redact(tracking_uri)}`, run `{run_id}`")
+    return "\n".join(lines) + "\n"
