@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.chain import start_deployment
 from flows.config import load_config, run_cli
+from mlops import summary
 from mlops.checks import Report
 from mlops.config import DeployConfig, DvcConfig, secret
 from mlops.data import versioning
@@ -45,6 +46,7 @@ class DeployResult:
     previous_version: str | None = None
     manifests: str | None = None
     chained: str | None = None  # the flow run started by chain.after_validate
+    figures: dict[str, float] | None = None  # the application tests' figures (action=validate)
 
 
 def token(config: DeployConfig) -> str | None:
@@ -154,7 +156,7 @@ def validate(config: DeployConfig, registry: Registry, plan: Plan) -> DeployResu
     logger.info("version %s approved for production (alias '%s')", plan.version, config.mlflow.approved_alias)
     chained = start_deployment(config.chain.after_validate) if config.chain.after_validate else None
     url = server.url if config.deploy.keep_test_server else None
-    return DeployResult(config.environment, plan.action, plan.version, url, chained=chained)
+    return DeployResult(config.environment, plan.action, plan.version, url, chained=chained, figures=result.metrics())
 
 
 def release_version(config: DeployConfig, registry: Registry, plan: Plan, old: LiveServer | None) -> DeployResult:
@@ -204,8 +206,18 @@ def render(config: DeployConfig, plan: Plan) -> DeployResult:
 
 @flow(name="deploy", log_prints=True)
 def deploy(env: str = "test", overrides: list[str] | None = None) -> DeployResult:
-    """Deploy per `conf/deploy.yaml` in environment `env` with Hydra `overrides`."""
-    config: DeployConfig = load_config("deploy", env, list(overrides or []))
+    """Deploy per `conf/deploy.yaml` in environment `env` with Hydra `overrides`; ends with a summary."""
+    result = run_action(load_config("deploy", env, list(overrides or [])))
+    text = summary.deploy_summary(result.environment, str(result.action), result.version, result.url,
+                                  previous=result.previous_version, figures=result.figures, manifests=result.manifests,
+                                  chained=result.chained)
+    get_run_logger().info("summary\n%s", text)
+    create_markdown_artifact(text, key=f"deploy-{result.environment}-summary", description="Deploy summary")
+    return result
+
+
+def run_action(config: DeployConfig) -> DeployResult:
+    """What `config.action` asks for, on the environment's live server."""
     live = processes.read_live(config.paths.deploy)
     if config.action == Action.STOP:
         return stop(config, live)  # a record whose server is gone is cleared too

@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 
 from flows.chain import deployment_exists, start_deployment
 from flows.config import load_config, overrides_for, run_cli
+from mlops import summary
 from mlops.config import MonitorConfig
 from mlops.data import production
 from mlops.deploy import processes
@@ -215,6 +216,7 @@ def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorRes
                            report=location)
     if judged.outcome == "no traffic":
         logger.info("no traffic for version %s in the last %s", ref.version, config.monitor.window)
+        summarize(config, judged, result)
         return result
     result.alerts_sent = send_alerts(
         config, alerts.alerts_for(judged.breaches, config.monitor.alerts.sections, judged.version, location))
@@ -231,7 +233,23 @@ def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorRes
         result.to_label = str(exported)
         logger.info("the least confident unlabelled captures are waiting for a person in %s", exported)
     logger.info("%s: %d requests, breaches %s", judged.outcome, judged.requests, result.breaches or "none")
+    summarize(config, judged, result)
     return result
+
+
+def summarize(config: MonitorConfig, judged: report.MonitorReport, result: MonitorResult) -> None:
+    """The verdict per section, what was sent and started, where the report is: console and artifact."""
+    verdicts = {section: ("FAIL: " + ", ".join(c.name for c in checks if c.passed is False)
+                          if any(c.passed is False for c in checks) else
+                          "pass" if any(c.passed for c in checks) else "not judged")
+                for section, checks in judged.sections.items()}
+    retraining = result.retrain
+    retrain = None if retraining is None else f"{retraining.decision}" + (
+        f", started {retraining.started}" if retraining.started else "") + (f" ({retraining.note})" if retraining.note else "")
+    text = summary.monitor_summary(config.environment, judged.version, judged.outcome, judged.requests, verdicts,
+                                   result.report or "", result.alerts_sent, retrain)
+    get_run_logger().info("summary\n%s", text)
+    create_markdown_artifact(text, key=f"monitor-{config.environment}-summary", description="Monitor summary")
 
 
 def main() -> None:

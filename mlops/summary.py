@@ -48,3 +48,36 @@ def build_summary(
         lines.append(f"- alias `{alias}` -> version {version}")
     lines.append(f"- look further: `mlflow ui --backend-store-uri {redact(tracking_uri)}`, run `{run_id}`")
     return "\n".join(lines) + "\n"
+
+
+def deploy_summary(environment: str, action: str, version: str, url: str | None, *, previous: str | None = None,
+                   figures: dict[str, float] | None = None, manifests: str | None = None, chained: str | None = None) -> str:
+    """What is live where after a deploy run, with the application-test figures when it ran them."""
+    if not version:
+        return f"## Deploy {environment}: {action}, nothing was recorded as live\n"
+    lines = [f"## Deploy {environment}: {action} version {version}", ""]
+    if manifests:
+        lines.append(f"- manifests in {manifests}: `kubectl apply -f {manifests}`")
+    elif action == "stop":
+        lines.append(f"- stopped the server of version {version} ({url})")
+    else:
+        lines.append(f"- live on {url}" if url else "- no server kept (deploy.keep_test_server=true keeps it)")
+    if previous:
+        lines.append(f"- replaced version {previous} (action=rollback puts it back)")
+    if figures:
+        lines.append("- application tests: " + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in figures.items()))
+    if chained:
+        lines.append(f"- started flow run {chained}")
+    return "\n".join(lines) + "\n"
+
+
+def monitor_summary(environment: str, version: str, outcome: str, requests: int, verdicts: dict[str, str], report: str,
+                    alerts: list[str], retrain: str | None) -> str:
+    """The monitor's verdict per section, what it sent and started, and where the report is."""
+    lines = [f"## Monitor {environment}: version {version}, {outcome} ({requests} requests)", "",
+             "| section | verdict |", "|---|---|", *(f"| {s} | {v} |" for s, v in verdicts.items()), "",
+             f"- alerts sent: {', '.join(alerts) or 'none'}"]
+    if retrain:
+        lines.append(f"- retraining: {retrain}")
+    lines.append(f"- report: {report}")
+    return "\n".join(lines) + "\n"

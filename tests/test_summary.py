@@ -42,3 +42,26 @@ def test_production_images_and_a_failed_gate_are_in_the_summary_and_no_password_
     assert "**Gate: FAILED**" in text and "| gate | accuracy | 0.41 | >= 0.85 | FAIL |" in text
     assert f"7 labelled production images added (window 24h) on base data version `{'b' * 32}`" in text
     assert "s3cret" not in text and "https://***@mlflow.example.com" in text
+
+
+def test_a_deploy_summary_says_what_is_live_where_and_the_application_figures():
+    from mlops.summary import deploy_summary
+
+    text = deploy_summary("test", "validate", "3", "http://127.0.0.1:8100", figures={"accuracy": 0.93, "latency_p95_ms": 12.5})
+    assert "## Deploy test: validate version 3" in text and "live on http://127.0.0.1:8100" in text
+    assert "application tests: accuracy 0.93, latency p95 ms 12.5" in text
+    released = deploy_summary("production", "release", "4", "http://127.0.0.1:8000", previous="3")
+    assert "replaced version 3 (action=rollback puts it back)" in released and "application tests" not in released
+    assert "no server kept" in deploy_summary("test", "validate", "3", None)
+    assert "kubectl apply -f /m/model-server.yaml" in deploy_summary("test", "render", "3", None, manifests="/m/model-server.yaml")
+    assert "nothing was recorded as live" in deploy_summary("production", "stop", "", None)
+
+
+def test_a_monitor_summary_has_each_sections_verdict_the_actions_and_the_report():
+    from mlops.summary import monitor_summary
+
+    text = monitor_summary("production", "2", "breach", 340, {"drift": "FAIL: drifted_share", "integrity": "pass"},
+                           "file:///r/monitor.html", ["drift.drifted_share@v2"], "in_process, started in-process")
+    for part in ("version 2, breach (340 requests)", "| drift | FAIL: drifted_share |", "| integrity | pass |",
+                 "alerts sent: drift.drifted_share@v2", "retraining: in_process, started in-process", "report: file:///r/monitor.html"):
+        assert part in text, (part, text)
