@@ -149,3 +149,10 @@ def test_asking_for_production_images_where_none_are_labelled_is_a_clear_error(f
     assert state.is_failed()
     assert "data.production=24h" in state.message and "no labelled production image" in state.message
     assert "python -m flows.label import" in state.message  # and how to get some
+
+
+def test_the_validation_figure_after_batchnorm_re_estimation_is_logged(first_build, workspace):
+    """The progress bar's val_accuracy is taken before BatchNorm statistics are re-estimated;
+    the figure after it is the one the gate's numbers agree with."""
+    metrics = client_for(workspace).get_run(first_build.run_id).data.metrics
+    assert 0.0 <= metrics["val_accuracy_final"] <= 1.0 and "val_accuracy" in metrics
