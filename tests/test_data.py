@@ -71,6 +71,17 @@ def test_quarantine_policy_reports_and_copies_every_bad_file(broken_folder, tmp_
     assert sum(sum(c.values()) for c in prepared.counts.values()) == 24
 
 
+def test_the_quarantine_folder_shows_the_last_run_only(broken_folder, tmp_path):
+    prepare_dataset(data_config(broken_folder), 7, tmp_path / "ws", tmp_path / "out")
+    quarantine = tmp_path / "ws" / "quarantine" / "pets"
+    fixed = next(iter(EXPECTED_REJECTS))
+    (broken_folder / fixed).unlink()  # the user removed one bad file
+    prepared = prepare_dataset(data_config(broken_folder), 7, tmp_path / "ws", tmp_path / "out")
+    copies = {str(p.relative_to(quarantine)) for p in quarantine.rglob("*") if p.is_file() and p.name != "report.json"}
+    assert copies == {f"{r.kind}/{r.path}" for r in prepared.rejected} and fixed not in {r.path for r in prepared.rejected}
+    assert len(json.loads((quarantine / "report.json").read_text())) == len(EXPECTED_REJECTS) - 1
+
+
 def test_fail_policy_lists_every_bad_file(broken_folder, tmp_path):
     config = data_config(broken_folder, validation={"policy": "fail"})
     with pytest.raises(DataError) as caught:

@@ -195,8 +195,10 @@ def prepare_dataset(data: DataConfig, seed: int, workspace: Path, dest: Path) ->
     problems = check_classes(good, data.validation)
     if problems:
         raise DataError(f"data {root} does not meet data.validation", problems)
+    folder = workspace / "quarantine" / data.name
+    shutil.rmtree(folder, ignore_errors=True)  # copies of an earlier run's rejects: the folder shows this run's only
     if rejected:
-        quarantine(root, rejected, workspace / "quarantine" / data.name)
+        quarantine(root, rejected, folder)
 
     classes = sorted(good)
     counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
