@@ -6,6 +6,7 @@ parameters (an environment and a list of overrides) and call `load_config` thems
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -109,6 +110,37 @@ def to_yaml(config) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(config.model_dump(mode="json")))
 
 
+class NoTraceback(logging.Formatter):
+    """The console's formatter, less the tracebacks of failed runs below debug level: a user
+    error reads as one line; the traceback stays in the Prefect run's logs (`PREFECT_LOGGING_LEVEL=DEBUG`
+    shows it here too)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not record.exc_info or logging.getLogger("prefect").isEnabledFor(logging.DEBUG):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def quiet_console_tracebacks() -> None:
+    """Put `NoTraceback` on Prefect's console handler (set up here, as a flow run would)."""
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    setup_logging()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, NoTraceback):
+            handler.setFormatter(NoTraceback(handler.formatter))
+
+
 def run_cli(config_name: str, run: Callable[[str, list[str]], object]) -> None:
     """Hydra's command line (overrides, --cfg, --help, -m sweeps) in front of a flow.
 
@@ -135,6 +167,7 @@ def run_cli(config_name: str, run: Callable[[str, list[str]], object]) -> None:
         jobs.append((env, [o for o in overrides if not o.startswith("env=")]))
 
     collect()
+    quiet_console_tracebacks()
     failed = 0
     for env, overrides in jobs:
         try:

@@ -210,6 +210,16 @@ def test_cli_rejects_a_bad_value_with_the_key_and_no_traceback(tmp_path):
 
 
 @pytest.mark.slow  # starts processes: kept out of the fast tier
+def test_a_user_error_ends_in_one_clear_line_without_tracebacks(tmp_path):
+    result = run_cli("data=imagefolder", f"data.path={tmp_path / 'nope'}", workspace=tmp_path)
+    assert result.returncode == 1
+    tail = result.stderr.strip().splitlines()[-2:]  # the error and its problem line
+    assert tail[0].startswith("error: DataError: data.path ") and "nope" in tail[0], tail
+    assert tail[1].strip() == "is not a directory", tail
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]  # it stays in the Prefect run's logs
+
+
+@pytest.mark.slow  # starts processes: kept out of the fast tier
 @pytest.mark.parametrize(("override", "suggestion"), [("train.max_epoch=3", "`train.max_epochs`"), ("modle=resnet18", "`model`")])
 def test_cli_names_a_mistyped_key_with_a_suggestion_and_exits_2(tmp_path, override, suggestion):
     result = run_cli(override, workspace=tmp_path)
