@@ -28,7 +28,7 @@ from mlops.checks import Report
 from mlops.config import BuildConfig, DataConfig, DvcConfig, ExportConfig
 from mlops.data import ingest, production, versioning
 from mlops.data.layout import dataset_dir
-from mlops.monitor.window import parse_duration
+from mlops.monitor.window import window_start
 from mlops.registry import ONNX_FILE, REFERENCE_ARTIFACT, TRAIN_KEY_TAG, Registry, VersionRef, flatten, model_card, to_json
 from mlops.serve.inference import OnnxClassifier, load_array
 from mlops.train import evaluation, lineage, packaging
@@ -80,7 +80,7 @@ def add_production_data(config: BuildConfig, prepared: ingest.Prepared, base_ver
     from mlops.serve.capture import redact
 
     logger, data, url = get_run_logger(), config.data, config.captures.url
-    start = None if data.production == "all" else datetime.now(UTC) - parse_duration(data.production)
+    start = window_start(data.production, datetime.now(UTC))
     collected = production.collect(url, config.records.dir, prepared.classes, config.captures.on_conflict, start)
     joined = collected.joined
     for problem in collected.unreadable:

@@ -35,7 +35,7 @@ from flows.config import load_config
 from mlops.config import ConfigError, MonitorConfig
 from mlops.config.common import WINDOW
 from mlops.data import labelling, production
-from mlops.monitor.window import parse_duration
+from mlops.monitor.window import window_start
 
 DEFAULT_N = 50  # an export by hand when monitor.labelling.export is 0
 FORMATS = ("folder", "label_studio")
@@ -70,8 +70,8 @@ def default_window(config: MonitorConfig) -> str:
 
 def gather(config: MonitorConfig, classes: list[str], window: str, now: datetime) -> production.Collected:
     """Captures of the window (`all`: every one kept) joined with their feedback."""
-    start = None if window == "all" else now - parse_duration(window)
-    return production.collect(config.captures.url, config.records.dir, classes, config.captures.on_conflict, start)
+    return production.collect(config.captures.url, config.records.dir, classes, config.captures.on_conflict,
+                              window_start(window, now))
 
 
 def export_unlabelled(

@@ -137,8 +137,7 @@ def send_alerts(config: MonitorConfig, candidates: list[alerts.Alert]) -> list[s
 @task(**NETWORK)
 def count_labelled(config: MonitorConfig, classes: list[str], now: datetime) -> int:
     """The labelled production images a retraining build would add (`monitor.retrain.production`)."""
-    production_window = config.monitor.retrain.production
-    start = None if production_window == "all" else now - window.parse_duration(production_window)
+    start = window.window_start(config.monitor.retrain.production, now)
     collected = production.collect(config.captures.url, config.records.dir, classes, config.captures.on_conflict, start)
     return len(collected.joined.labelled)
 
@@ -157,7 +156,7 @@ def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, classes:
     state = memory.load_state(state_path)
     last = datetime.fromisoformat(state["last"]) if "last" in state else None
     breaches = [f"{s}.{c.name}" for s, c in judged.breaches]
-    wanted = policy.production is not None and any(b.split(".", 1)[0] in policy.sections for b in breaches)
+    wanted = policy.production is not None and bool(retrain.retrain_reasons(breaches, policy.sections))
     labelled = count_labelled(config, classes, now) if wanted else None
     decision = retrain.retrain_policy(
         breaches, policy.sections, policy.mode, window.parse_duration(policy.cooldown), last, now,
@@ -239,10 +238,7 @@ def monitor(env: str = "test", overrides: list[str] | None = None) -> MonitorRes
 
 def summarize(config: MonitorConfig, judged: report.MonitorReport, result: MonitorResult) -> None:
     """The verdict per section, what was sent and started, where the report is: console and artifact."""
-    verdicts = {section: ("FAIL: " + ", ".join(c.name for c in checks if c.passed is False)
-                          if any(c.passed is False for c in checks) else
-                          "pass" if any(c.passed for c in checks) else "not judged")
-                for section, checks in judged.sections.items()}
+    verdicts = {section: summary.section_verdict(checks) for section, checks in judged.sections.items()}
     retraining = result.retrain
     retrain = None if retraining is None else f"{retraining.decision}" + (
         f", started {retraining.started}" if retraining.started else "") + (f" ({retraining.note})" if retraining.note else "")

@@ -3,7 +3,7 @@ and the run's Prefect artifact. Pure functions of what the run produced."""
 
 from __future__ import annotations
 
-from mlops.checks import Report, fmt
+from mlops.checks import Check, Report, fmt
 from mlops.serve.capture import redact
 
 
@@ -69,6 +69,14 @@ def deploy_summary(environment: str, action: str, version: str, url: str | None,
     if chained:
         lines.append(f"- started flow run {chained}")
     return "\n".join(lines) + "\n"
+
+
+def section_verdict(checks: list[Check]) -> str:
+    """"FAIL: <the failed checks>", "pass" when some check passed, else "not judged"."""
+    failed = [c.name for c in checks if c.passed is False]
+    if failed:
+        return "FAIL: " + ", ".join(failed)
+    return "pass" if any(c.passed for c in checks) else "not judged"
 
 
 def monitor_summary(environment: str, version: str, outcome: str, requests: int, verdicts: dict[str, str], report: str,

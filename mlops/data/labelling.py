@@ -38,10 +38,11 @@ from xml.sax.saxutils import escape, quoteattr
 from pydantic import ValidationError
 
 from mlops.data.production import Label
+from mlops.serve.capture import REQUEST_ID as REQUEST_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as the server issues them (and the capture store names files)
+REQUEST_ID = re.compile(REQUEST_ID_PATTERN)  # as the server issues them (and the capture store names files)
 IMAGE_NAME = re.compile(r"(?P<id>[^.]+)\.(?P<ext>[A-Za-z0-9]{1,5})")  # <request id>.<ext>
 UNLABELLED, LABELLED, IMAGES = "unlabelled", "labelled", "images"
 TASKS_CSV, TASKS_JSON, LABEL_CONFIG, README = "tasks.csv", "tasks.json", "label_config.xml", "README.txt"

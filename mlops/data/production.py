@@ -65,10 +65,7 @@ class Joined:
 
     def counts(self) -> dict[str, int]:
         """Labelled samples per class."""
-        counts: dict[str, int] = defaultdict(int)
-        for sample in self.labelled:
-            counts[sample.label] += 1
-        return dict(sorted(counts.items()))
+        return _counts(self.labelled)
 
     def problem_counts(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
@@ -211,7 +208,6 @@ class Added:
 
     counts: dict[str, dict[str, int]]  # split -> class -> images
     rejected: list[dict]  # request_id, kind, detail: failed validation, unreadable or changed since capture
-    manifest: dict  # the manifest's "production" section
 
     @property
     def total(self) -> int:
@@ -267,7 +263,7 @@ def add_production(
         counts: dict[str, dict[str, int]] = {}
         files = []
         for part, chosen in parts.items():
-            counts[part] = dict(sorted(_counts(chosen).items()))
+            counts[part] = _counts(chosen)
             for sample in chosen:
                 source = staged[id(sample)]
                 target = dataset / part / sample.label / source.name
@@ -290,11 +286,12 @@ def add_production(
         for label, n in per_class.items():
             merged[label] = merged.get(label, 0) + n
     (dataset / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return Added(counts, rejected, section)
+    return Added(counts, rejected)
 
 
 def _counts(samples: Iterable[Labelled]) -> dict[str, int]:
-    return {label: len(group) for label, group in _by_class(samples).items()}
+    """Samples per class, by class name."""
+    return {label: len(group) for label, group in sorted(_by_class(samples).items())}
 
 
 def production_tags(section: dict | None) -> dict[str, str]:

@@ -32,6 +32,11 @@ class RetrainDecision:
         return self.kind in (RetrainKind.DEPLOYMENT, RetrainKind.IN_PROCESS)
 
 
+def retrain_reasons(breaches: list[str], sections: list[str]) -> tuple[str, ...]:
+    """The breached checks ("section.check") of the retraining `sections`, sorted."""
+    return tuple(sorted({b for b in breaches if b.split(".", 1)[0] in sections}))
+
+
 def retrain_policy(
     breaches: list[str],
     sections: list[str],
@@ -47,7 +52,7 @@ def retrain_policy(
 
     `labelled`: the labelled production images a retraining build would add (None: it adds
     none); below `min_labelled` the retrain waits for labels rather than train on a handful."""
-    reasons = tuple(sorted({b for b in breaches if b.split(".", 1)[0] in sections}))
+    reasons = retrain_reasons(breaches, sections)
     if not reasons:
         return RetrainDecision(RetrainKind.NONE, note="no breach in the retraining sections")
     if last_started is not None and now - last_started < cooldown:

@@ -22,6 +22,11 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]: value})
 
 
+def window_start(window: str, now: datetime) -> datetime | None:
+    """Where a window such as `24h` (back from `now`) starts; None for `all` (no bound)."""
+    return None if window == "all" else now - parse_duration(window)
+
+
 @dataclass
 class Traffic:
     start: datetime

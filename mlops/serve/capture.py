@@ -64,7 +64,8 @@ OUTCOMES = ("stored", "sampled_out", "dropped_queue_full", "dropped_budget", "fa
 PRUNE_EVERY_S = 60.0  # the age limit is checked this often
 RESCAN_EVERY_S = 600.0  # the store is listed again this often (other servers' captures)
 LOG_EVERY_S = 60.0  # a kind of problem is logged at most this often
-KEY = re.compile(r"(?P<day>\d{4}-\d{2}-\d{2})/(?P<hour>\d{2})/(?P<id>[A-Za-z0-9_-]{1,64})\.(?P<ext>[a-z]{3,4})")
+REQUEST_ID = r"[A-Za-z0-9_-]{1,64}"  # a request id as captures store it: their file names
+KEY = re.compile(rf"(?P<day>\d{{4}}-\d{{2}}-\d{{2}})/(?P<hour>\d{{2}})/(?P<id>{REQUEST_ID})\.(?P<ext>[a-z]{{3,4}})")
 MAGIC = (  # first bytes -> suffix, for the formats the server may be configured to read
     (b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
     (b"BM", ".bmp"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"),
@@ -433,7 +434,7 @@ class CaptureRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    request_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    request_id: str = Field(pattern=f"^{REQUEST_ID}$")
     time: Time
     model: str
     model_version: str
@@ -441,7 +442,7 @@ class CaptureRecord(BaseModel):
     content_type: str
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    image: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}\.[a-z]{3,4}$")
+    image: str = Field(pattern=rf"^{REQUEST_ID}\.[a-z]{{3,4}}$")
     prediction: str
     confidence: float = Field(ge=0.0, le=1.0)
 
