@@ -11,8 +11,10 @@ call; the ones that talk to MLflow or a DVC remote retry.
 
 from __future__ import annotations
 
+import json
 import shlex
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.chain import start_deployment
 from flows.config import load_config, run_cli, to_yaml
-from mlops import summary
+from mlops import summary, sweep
 from mlops.checks import Report
 from mlops.config import BuildConfig, DataConfig, DvcConfig, ExportConfig
 from mlops.data import ingest, production, versioning
@@ -55,6 +57,8 @@ class BuildResult:
     version: str | None
     reused_run_id: str | None
     chained: str | None = None  # the flow run started by chain.after_build
+    gate: str = "passed"  # or "failed" (a sweep's job: register=False returns instead of raising)
+    metrics: dict[str, float] = field(default_factory=dict)  # test_*, val_*, holdout_*: what a sweep chooses by
 
 
 @task(**LOCAL)
@@ -193,7 +197,7 @@ def production_baseline(registry: Registry, classes: list[str], files, holdout_f
     label = f"production v{current.version}"
     model = OnnxClassifier(registry.download_model(current.run_id, workdir / "production"))
     if list(model.spec.classes) != classes:
-        return evaluation.Baseline(f"{label} has other classes {list(model.spec.classes)}: comparison skipped"), None
+        return evaluation.Baseline(f"{label} has other classes: comparison skipped", other_classes=list(model.spec.classes)), None
     on_holdout = evaluation.evaluate(model, holdout_files, 0) if holdout_files else None
     return evaluation.Baseline(label, evaluation.evaluate(model, files, latency_images)), on_holdout
 
@@ -226,8 +230,13 @@ def register_model(registry: Registry, source_run_id: str, tags: dict[str, str],
 
 
 @flow(name="build", log_prints=True)
-def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
-    """Build a model from the `conf/build.yaml` config in environment `env` with Hydra `overrides`."""
+def build(env: str = "test", overrides: list[str] | None = None, parent_run_id: str | None = None,
+          register: bool = True) -> BuildResult:
+    """Build a model from the `conf/build.yaml` config in environment `env` with Hydra `overrides`.
+
+    A sweep's jobs run with the sweep's MLflow run as `parent_run_id` and `register=False`: they
+    stop after the gate (a failed gate returns rather than raises) and the sweep registers the best.
+    """
     overrides = list(overrides or [])
     logger = get_run_logger()
     config: BuildConfig = load_config("build", env, overrides)
@@ -257,7 +266,7 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
         "mlops.environment": config.environment,
         "mlops.overrides": " ".join(overrides),
         "mlops.trigger": config.trigger or "manual",
-    } | ({"mlops.reused_run_id": reused} if reused else {})
+    } | ({"mlops.reused_run_id": reused} if reused else {}) | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
     with registry.run(f"build-{config.model.name}", run_tags) as run_id:
         workdir = workspace / "runs" / run_id
         registry.log_text(run_id, config_yaml, "config/resolved.yaml")
@@ -266,9 +275,11 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
         if reused:
             logger.info("reusing the model of run %s: same data version, config and code (force=true retrains)", reused)
             source_run_id, onnx_path = reused, registry.download_model(reused, workdir)
+            trained_metrics = registry.metrics(reused)
         else:
             registry.log(run_id, tags={TRAIN_KEY_TAG: key})
             trained = train_model(config, dataset, config.mlflow.tracking_uri, run_id, workdir)
+            trained_metrics = trained.metrics
             onnx_path, parity = package_model(config.export, trained, dataset, workdir)
             example = parity_batch(dataset, trained.spec, 1)
             log_model(registry, run_id, trained.weights, onnx_path, parity, example)
@@ -288,6 +299,8 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
         markdown = report.to_markdown() + "\n\n" + evaluation.comparison(new, baseline, holdout) + "\n"
         log_evaluation(registry, run_id, new, baseline, holdout, report, markdown, workdir)
         create_markdown_artifact(markdown, key="gate-report", description="Build gate")
+        metrics = {k: v for k, v in trained_metrics.items() if k.startswith(("val_", "train_"))} | new.metrics()
+        metrics |= holdout.new.metrics("holdout_") if holdout else {}
 
         def summarize(version: str | None) -> None:
             prepared = dataset.prepared
@@ -299,10 +312,15 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
                 metrics={"accuracy": new.accuracy, "macro_f1": new.macro_f1, "p95_latency_ms": new.latency_p95_ms},
                 report=report, version=version, alias=config.mlflow.candidate_alias,
                 tracking_uri=config.mlflow.tracking_uri, run_id=run_id,
+                note=None if register else f"a job of sweep run `{parent_run_id}`: the sweep registers its best passing job",
             )
             logger.info("summary\n%s", text)
             create_markdown_artifact(text, key="build-summary", description="Build summary")
 
+        if not register:
+            summarize(None)
+            return BuildResult(run_id, dataset.version, config.mlflow.registered_model, None, reused,
+                               gate="passed" if report.passed else "failed", metrics=metrics)
         if not report.passed:
             summarize(None)
             raise GateFailed(f"gate failed: {report.describe_failures()}")
@@ -327,11 +345,89 @@ def build(env: str = "test", overrides: list[str] | None = None) -> BuildResult:
         chained = start_deployment(config.chain.after_build) if config.chain.after_build else None
         registry.log(run_id, tags={"mlops.model_version": ref.version, "mlops.chained": chained or "none"})
         summarize(ref.version)
-    return BuildResult(run_id, dataset.version, ref.name, ref.version, reused, chained)
+    return BuildResult(run_id, dataset.version, ref.name, ref.version, reused, chained, metrics=metrics)
+
+
+class BuildSweep:
+    """A `-m` run of the build (a grid, or `search=optuna`) that chooses.
+
+    Every job is a build with `register=False`, a child run of the sweep's MLflow run; jobs with the
+    same data settings share one data version (ingested by the first of them). At the end, a table
+    of the jobs, and the best passing job by `sweep.metric` is built again with its data version
+    pinned: that reuses its trained model, registers it and moves the candidate alias.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[sweep.Job] = []
+        self.data_versions: dict[str, str] = {}
+        self.env, self.config, self.registry, self.parent = "test", None, None, None
+
+    def run(self, env: str, overrides: list[str]) -> float | None:
+        """One job; its `sweep.metric` (the value an Optuna trial returns), None when it failed."""
+        job = sweep.Job(len(self.jobs), overrides)
+        self.jobs.append(job)
+        try:
+            config = load_config("build", env, overrides)
+            if self.parent is None:
+                self.start(env, config, overrides)
+            key = data_key(config)
+            pinned = [f"data.version={self.data_versions[key]}"] if key in self.data_versions else []
+            result = build(env=env, overrides=[*overrides, *pinned], parent_run_id=self.parent, register=False)
+            self.data_versions.setdefault(key, result.data_version)
+            job.metrics, job.gate, job.run_id, job.data_version = result.metrics, result.gate, result.run_id, result.data_version
+            return sweep.objective(result.metrics, config.sweep.metric)
+        except Exception as error:  # the job's flow run logged the details; the sweep goes on
+            job.error = f"{type(error).__name__}: {error}"
+            print(f"error: job {job.number} ({' '.join(overrides)}): {job.error}", file=sys.stderr)
+            return None
+
+    def start(self, env: str, config: BuildConfig, overrides: list[str]) -> None:
+        self.env, self.config, self.registry = env, config, Registry(config.mlflow)
+        name = f"sweep-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        self.parent = self.registry.start_run(name, {"mlops.flow": "build-sweep", "mlops.environment": env,
+                                                     "mlops.sweep.metric": config.sweep.metric,
+                                                     "mlops.sweep.command": " ".join(sys.argv[1:])[:5000]})
+        print(f"sweep: MLflow run {name} ({self.parent}) holds the jobs as child runs")
+
+    def finish(self) -> int:
+        """Print the table, register the best passing job; the exit code (1 when a job failed to
+        run or no job passed the gate)."""
+        if self.config is None:
+            return 1 if self.jobs else 0
+        metric, direction = self.config.sweep.metric, self.config.sweep.direction
+        chosen = sweep.best(self.jobs, metric, direction)
+        text = sweep.table(self.jobs, metric, direction, chosen)
+        print("\n" + text)
+        self.registry.log_text(self.parent, text, "sweep/table.md")
+        if chosen is None:
+            print("error: no job of the sweep passed the gate: no alias moved", file=sys.stderr)
+            self.registry.end_run(self.parent, "FAILED")
+            return 1
+        overrides = [o for o in chosen.overrides if not o.startswith("data.version=")]
+        try:
+            result = build(env=self.env, overrides=[*overrides, f"data.version={chosen.data_version}"],
+                           parent_run_id=self.parent)
+        except Exception as error:
+            print(f"error: registering job {chosen.number}: {type(error).__name__}: {error}", file=sys.stderr)
+            self.registry.end_run(self.parent, "FAILED")
+            return 1
+        self.registry.log(self.parent, metrics={metric: chosen.metrics[metric]}, tags={
+            "mlops.sweep.best_job": chosen.number, "mlops.sweep.best_run_id": chosen.run_id,
+            "mlops.model_version": result.version})
+        self.registry.end_run(self.parent)
+        print(f"sweep: job {chosen.number} registered as {result.model_name} version {result.version},"
+              f" alias '{self.config.mlflow.candidate_alias}'")
+        return 1 if any(job.error for job in self.jobs) else 0
+
+
+def data_key(config: BuildConfig) -> str:
+    """What decides a job's data version: jobs with the same key share one ingest."""
+    return json.dumps([config.data.model_dump(mode="json", exclude={"version"}), config.seed, str(config.dvc.repo)],
+                      sort_keys=True)
 
 
 def main() -> None:
-    run_cli("build", lambda env, overrides: build(env=env, overrides=overrides))
+    run_cli("build", lambda env, overrides: build(env=env, overrides=overrides), sweep=BuildSweep())
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from typing import Protocol
 from pathlib import Path
 
 import hydra
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -28,7 +31,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 def groups_of(config_name: str) -> dict[str, list[str]]:
     """The config groups a primary config chooses from (its defaults list) and their options."""
     defaults = yaml.safe_load((CONF_DIR / f"{config_name}.yaml").read_text())["defaults"]
-    names = [next(iter(entry)) for entry in defaults if isinstance(entry, dict)]
+    names = [next(iter(entry)).removeprefix("optional ") for entry in defaults if isinstance(entry, dict)]
     return {name: sorted(path.stem for path in (CONF_DIR / name).glob("*.yaml"))
             for name in names if " " not in name and "/" not in name}
 
@@ -83,8 +86,11 @@ def load_config(config_name: str, env: str, overrides: list[str]):
     """Compose `conf/<config_name>.yaml` with `env=<env>` and `overrides`, then validate it."""
     check_overrides(config_name, overrides)
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base=None):
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra job (an Optuna trial): Hydra is set up here
             cfg = compose(config_name, overrides=[f"env={env}", *overrides])
+        else:
+            with initialize_config_dir(str(CONF_DIR), version_base=None):
+                cfg = compose(config_name, overrides=[f"env={env}", *overrides])
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError([str(error).strip()]) from None
     return to_config(cfg, config_name, env)
@@ -141,13 +147,27 @@ def quiet_console_tracebacks() -> None:
             handler.setFormatter(NoTraceback(handler.formatter))
 
 
-def run_cli(config_name: str, run: Callable[[str, list[str]], object]) -> None:
+class Sweep(Protocol):
+    """What a flow's `-m` run does beyond running its jobs (the build's chooses the best)."""
+
+    def run(self, env: str, overrides: list[str]) -> float | None: ...
+
+    def finish(self) -> int: ...
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def run_cli(config_name: str, run: Callable[[str, list[str]], object], sweep: Sweep | None = None) -> None:
     """Hydra's command line (overrides, --cfg, --help, -m sweeps) in front of a flow.
 
-    Hydra only parses and composes here: every job's config is validated first, then the flow
-    runs once per job with that job's overrides, the same call a Prefect deployment makes.
+    A run or a grid (`-m a=1,2`): Hydra only parses and composes; every job's config is validated
+    first, then the flow runs once per job with that job's overrides, the same call a Prefect
+    deployment makes. A sweeper that needs each job's result (Optuna) runs the jobs itself, each
+    validated as it comes. With `sweep`, a multirun's jobs go through it and its `finish` ends it.
     """
     jobs: list[tuple[str, list[str]]] = []
+    multirun = False
     try:
         check_overrides(config_name, [arg for arg in sys.argv[1:] if not arg.startswith("-")])
     except ConfigError as error:
@@ -155,25 +175,50 @@ def run_cli(config_name: str, run: Callable[[str, list[str]], object]) -> None:
         sys.exit(2)
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
-    def collect(cfg: DictConfig) -> None:
-        overrides = list(HydraConfig.get().overrides.task)
-        env = HydraConfig.get().runtime.choices["env"]
+    def job(cfg: DictConfig) -> float | None:
+        nonlocal multirun
+        hydra_config = HydraConfig.get()
+        overrides = [o for o in hydra_config.overrides.task if not o.startswith("env=")]
+        env = hydra_config.runtime.choices["env"]
+        multirun = hydra_config.mode == RunMode.MULTIRUN
+        searching = multirun and hydra_config.sweeper._target_ != BASIC_SWEEPER
         try:
             to_config(cfg, config_name, env)
         except ConfigError as error:
             where = f" (job {' '.join(overrides)})" if overrides else ""
             print(f"error: {error}{where}", file=sys.stderr)
-            sys.exit(2)
-        jobs.append((env, [o for o in overrides if not o.startswith("env=")]))
+            if not searching:
+                sys.exit(2)
+            return None  # a search's trial: told to the sweeper as failed
+        if not searching:
+            jobs.append((env, overrides))
+            return None
+        quiet_console_tracebacks()
+        if sweep is not None:
+            return sweep.run(env, overrides)
+        _run_job(run, env, overrides)
+        return None
 
-    collect()
+    try:
+        job()
+    except SystemExit as stop:  # Hydra's exit on a sweeper error (every Optuna trial failed): the table still
+        if multirun and sweep is not None and stop.code != 2:
+            sweep.finish()
+        raise
     quiet_console_tracebacks()
-    failed = 0
-    for env, overrides in jobs:
-        try:
-            run(env, overrides)
-        except Exception as error:  # the flow already logged the details
-            print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-            failed += 1
+    if multirun and sweep is not None:
+        for env, overrides in jobs:
+            sweep.run(env, overrides)
+        sys.exit(sweep.finish())
+    failed = sum(not _run_job(run, env, overrides) for env, overrides in jobs)
     if failed:
         sys.exit(1)
+
+
+def _run_job(run: Callable[[str, list[str]], object], env: str, overrides: list[str]) -> bool:
+    try:
+        run(env, overrides)
+    except Exception as error:  # the flow already logged the details
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return False
+    return True

@@ -34,7 +34,10 @@ class Check:
         return asdict(self) | {"verdict": self.verdict}
 
     def describe(self) -> str:
-        """One line for an error message: `accuracy 0.41 not >= 0.5`."""
+        """One line for an error message: `accuracy 0.41 not >= 0.5`, or the note of a check
+        that has no value."""
+        if self.value is None:
+            return f"{self.name}: {self.note}"
         return f"{self.name} {fmt(self.value)} not {self.op} {fmt(self.bound)}"
 
 

@@ -131,7 +131,7 @@ class Registry:
     def run(self, name: str, tags: dict[str, str], experiment: str | None = None) -> Iterator[str]:
         """A run that always ends: FINISHED when the block completes, FAILED (with the error as
         the tag `mlops.error`) when it raises; the exception goes on."""
-        run_id = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags).info.run_id
+        run_id = self.start_run(name, tags, experiment)
         try:
             yield run_id
         except BaseException as error:
@@ -139,6 +139,13 @@ class Registry:
             self.client.set_terminated(run_id, "FAILED")
             raise
         self.client.set_terminated(run_id, "FINISHED")
+
+    def start_run(self, name: str, tags: dict[str, str], experiment: str | None = None) -> str:
+        """A run left open: the caller ends it with `end_run` (a sweep's parent run)."""
+        return self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags).info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
 
     def log(
         self,
@@ -153,6 +160,10 @@ class Registry:
             params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
+
+    def metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of a run."""
+        return dict(self.client.get_run(run_id).data.metrics)
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)

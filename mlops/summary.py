@@ -23,6 +23,7 @@ def build_summary(
     alias: str | None,
     tracking_uri: str,
     run_id: str,
+    note: str | None = None,
 ) -> str:
     """The build's result: data, model version, test metrics, the gate per check, where to look."""
     splits = ", ".join(f"{split} {sum(c.values())}" for split, c in counts.items())
@@ -46,6 +47,8 @@ def build_summary(
     lines.append("")
     if version:
         lines.append(f"- alias `{alias}` -> version {version}")
+    if note:
+        lines.append(f"- {note}")
     lines.append(f"- look further: `mlflow ui --backend-store-uri {redact(tracking_uri)}`, run `{run_id}`")
     return "\n".join(lines) + "\n"
 

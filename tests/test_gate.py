@@ -124,3 +124,20 @@ def test_the_comparison_sets_new_and_production_side_by_side_on_both_splits():
     assert any(line.startswith("| production holdout |") and "| accuracy | 0.8000 | 0.3500 |" in line for line in lines)
     alone = comparison(evaluation(), Baseline("no production model yet: comparison skipped"), None)
     assert "production holdout" not in alone and "| 0.9000 | - |" in alone  # nothing to compare with
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_other_classes_than_production_are_refused_unless_allowed(allowed):
+    baseline = Baseline("production v2 has other classes: comparison skipped", other_classes=["cat", "dog", "fox"])
+    report = gate(evaluation(), THRESHOLDS.model_copy(update={"allow_other_classes": allowed}), baseline)
+    check = next(c for c in report.checks if c.name == "same_classes_as_production")
+    assert check.passed is allowed and report.passed is allowed
+    assert "['cat', 'dog', 'fox']" in check.note and "['a', 'b']" in check.note
+    if not allowed:
+        assert report.describe_failures().startswith("same_classes_as_production: production v2")
+        assert "gate.allow_other_classes=true" in report.describe_failures()
+
+
+def test_same_classes_add_no_check():
+    report = gate(evaluation(), THRESHOLDS, Baseline("production v1", evaluation()))
+    assert "same_classes_as_production" not in verdicts(report)

@@ -6,7 +6,7 @@ A flow's schema holds only the sections it reads, so deploy and monitor never va
 import what validates) training settings.
 """
 
-from mlops.config.build import BuildConfig, DataConfig, ExportConfig, GateThresholds, ModelConfig, TrainConfig, ValidationPolicy
+from mlops.config.build import BuildConfig, DataConfig, ExportConfig, GateThresholds, ModelConfig, SweepConfig, TrainConfig, ValidationPolicy
 from mlops.config.common import (
     CommonConfig,
     ConfigError,
@@ -25,6 +25,6 @@ SCHEMAS: dict[str, type[CommonConfig]] = {"build": BuildConfig, "deploy": Deploy
 
 __all__ = [
     "SCHEMAS", "AppTests", "BuildConfig", "CommonConfig", "ConfigError", "DataConfig", "DeployConfig", "DvcConfig",
-    "ExportConfig", "GateThresholds", "KubernetesConfig", "MlflowConfig", "ModelConfig", "MonitorConfig", "MonitorSettings",
+    "ExportConfig", "GateThresholds", "SweepConfig", "KubernetesConfig", "MlflowConfig", "ModelConfig", "MonitorConfig", "MonitorSettings",
     "RecordsConfig", "ServeConfig", "TrainConfig", "ValidationPolicy", "renamed", "secret", "validate_config",
 ]

@@ -121,6 +121,16 @@ class GateThresholds(Section):
     # on the production holdout (labelled production images, newest share), when there is one
     min_holdout_gain: float = Field(default=0.05, ge=-1.0, le=1.0)
     min_holdout_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    # a version whose classes differ from the production version's is refused unless this is true
+    allow_other_classes: bool = False
+
+
+class SweepConfig(Section):
+    """A `-m` run (a grid or `search=optuna`): the metric that chooses the job the candidate
+    alias goes to, among the jobs that pass the gate."""
+
+    metric: str = Field(min_length=1)
+    direction: Literal["maximize", "minimize"]
 
 
 class BuildConfig(CommonConfig):
@@ -129,5 +139,6 @@ class BuildConfig(CommonConfig):
     train: TrainConfig
     export: ExportConfig
     gate: GateThresholds
+    sweep: SweepConfig
     force: bool
     trigger: str | None = None

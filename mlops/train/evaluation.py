@@ -107,6 +107,7 @@ class Baseline:
 
     label: str  # "production v3", or the reason there is no comparison
     evaluation: Evaluation | None = None
+    other_classes: list[str] | None = None  # the production version's classes, when they differ
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,12 @@ def gate(
         compare("p95_latency_ms", new.latency_p95_ms, "<=", thresholds.max_p95_latency_ms, "ONNX, 1 image/call"),
     ]
     production = baseline.evaluation if baseline else None
+    if baseline is not None and baseline.other_classes is not None:
+        allowed = thresholds.allow_other_classes
+        checks.append(Check("same_classes_as_production", None, None, "", True if allowed else False,
+                            f"{baseline.label} has classes {baseline.other_classes}, this model {list(new.classes)}"
+                            + ("; allowed by gate.allow_other_classes" if allowed else
+                               "; gate.allow_other_classes=true registers it anyway")))
     if production is None:
         note = baseline.label if baseline else "no production model yet: comparison skipped"
         checks += [
