@@ -95,6 +95,7 @@ start() {
     launch mlflow mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" \
         --backend-store-uri "$MLFLOW_BACKEND_URI" --artifacts-destination "$MLFLOW_ARTIFACTS"
     wait_healthy prefect-server "$PREFECT_API_URL/health"
+    echo "$PREFECT_API_URL" >"$STACK/prefect-api-url"   # python -m flows.* reports here (flows/startup.py)
     wait_healthy mlflow "http://127.0.0.1:$MLFLOW_PORT/health"
 
     if ! prefect work-pool inspect "$POOL" >/dev/null 2>&1; then
@@ -142,6 +143,7 @@ stop() {
         fi
         rm -f "$STACK/$part.pid"
     done
+    rm -f "$STACK/prefect-api-url"
 }
 
 status() {

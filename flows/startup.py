@@ -1,0 +1,87 @@
+"""What `python -m flows.<name>` does before the flow module's imports (torch, MLflow, Prefect:
+seconds): answer Hydra's `--help`, `--cfg` and `--info` by Hydra alone, and report to the
+project's Prefect server when `deployments/stack.sh start` runs one. Only for that command line:
+importing a flow from Python, a test or a Prefect worker is left as it is."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc"}
+
+
+def command_line_flow(orig_argv: list[str]) -> str | None:
+    """`build` for `python -m flows.build ...`, None for any other command."""
+    for i, arg in enumerate(orig_argv[:-1]):
+        if arg == "-m":
+            module = orig_argv[i + 1]
+            return module.removeprefix("flows.") if module.startswith("flows.") else None
+    return None
+
+
+def stack_api_url(workspace: Path) -> str | None:
+    """The API of the Prefect server `deployments/stack.sh start` runs for `workspace`, if it runs."""
+    stack = workspace / "stack"
+    try:
+        pid = int((stack / "prefect-server.pid").read_text().strip())
+        url = (stack / "prefect-api-url").read_text().strip()
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return url or None
+
+
+def workspace_of(args: list[str], environ: dict[str, str]) -> Path:
+    """The workspace a command line's flow will use: `paths.workspace=`, else as conf/base.yaml says."""
+    for arg in args:
+        if arg.startswith("paths.workspace="):
+            return Path(arg.partition("=")[2]).expanduser()
+    return Path(environ.get("MLOPS_WORKSPACE") or "workspace").expanduser()
+
+
+def use_stack_server(args: list[str], environ: dict[str, str]) -> str | None:
+    """Point Prefect at the stack's server (PREFECT_API_URL) unless the user chose an API already."""
+    if environ.get("PREFECT_API_URL"):
+        return None
+    url = stack_api_url(workspace_of(args, environ))
+    if url:
+        environ["PREFECT_API_URL"] = url
+        print(f"reporting to the project's Prefect server {url} (deployments/stack.sh start);"
+              " PREFECT_API_URL chooses another", file=sys.stderr)
+    return url
+
+
+def answer_without_running(config_name: str) -> None:
+    """Hydra's help, config or info output for `config_name` (its overrides checked as a run's
+    are), then exit."""
+    import hydra
+
+    from flows.config import ConfigError, check_overrides
+
+    try:
+        check_overrides(config_name, [arg for arg in sys.argv[1:] if not arg.startswith("-")])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv.append(f"hydra.job.name={config_name}")  # Hydra would name the app after this module
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
+    def show(cfg) -> None:  # never called for an information flag
+        raise SystemExit(f"error: {sys.argv[1:]} ran a job")
+
+    show()
+    sys.exit(0)
+
+
+def start() -> None:
+    name = command_line_flow(getattr(sys, "orig_argv", []))
+    if name is None:
+        return
+    args = sys.orig_argv[sys.orig_argv.index("-m") + 2:]
+    if INFO_FLAGS.intersection(args) and (CONF_DIR / f"{name}.yaml").is_file():
+        sys.argv = [f"flows.{name}", *args]
+        answer_without_running(name)
+    use_stack_server(args, os.environ)
