@@ -399,6 +399,7 @@ class BuildSweep:
         text = sweep.table(self.jobs, metric, direction, chosen)
         print("\n" + text)
         self.registry.log_text(self.parent, text, "sweep/table.md")
+        create_markdown_artifact(text, key="build-sweep", description=f"Sweep {self.parent}: its jobs and the best")
         if chosen is None:
             print("error: no job of the sweep passed the gate: no alias moved", file=sys.stderr)
             self.registry.end_run(self.parent, "FAILED")
