@@ -42,7 +42,7 @@ def build_summary(
     lines += [f"- test split: {shown}", "",
               f"**Gate: {'PASSED' if report.passed else 'FAILED'}**", "", "| section | check | value | bound | verdict |",
               "|---|---|---:|---|---|"]
-    lines += [f"| {section} | {c.name} | {fmt(c.value)} | {c.op} {fmt(c.bound)} | {c.verdict} |"
+    lines += [f"| {section} | {c.name} | {fmt(c.value)} | {f'{c.op} {fmt(c.bound)}' if c.bound is not None else c.note or '-'} | {c.verdict} |"
               for section, checks in report.sections.items() for c in checks]
     lines.append("")
     if version:

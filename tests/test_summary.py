@@ -22,7 +22,7 @@ def test_a_build_summary_has_the_data_the_version_the_metrics_each_check_and_whe
     text = summary()
     for part in ("registered image-classifier version 3", f"data version `{'a' * 32}`: train 56, test 12 images",
                  "accuracy 0.91, macro f1 0.9", "**Gate: PASSED**", "| gate | accuracy | 0.91 | >= 0.85 | pass |",
-                 "| gate | accuracy_vs_production | - | >= - | skipped |", "alias `candidate` -> version 3",
+                 "| gate | accuracy_vs_production | - | none | skipped |", "alias `candidate` -> version 3",
                  "`mlflow ui --backend-store-uri sqlite:////ws/mlflow.db`, run `r1`"):
         assert part in text, (part, text)
     assert "quarantined" not in text and "left out" not in text and "p95" not in text  # nothing to say: said nothing
