@@ -142,14 +142,24 @@ def count_labelled(config: MonitorConfig, classes: list[str], now: datetime) -> 
     return len(collected.joined.labelled)
 
 
+def stores_of(config: MonitorConfig) -> dict[str, object]:
+    """The stores the build the monitor starts must use: the ones this run watches."""
+    return {
+        "paths.workspace": config.paths.workspace, "mlflow.tracking_uri": config.mlflow.tracking_uri,
+        "mlflow.artifact_location": config.mlflow.artifact_location, "mlflow.experiment": config.mlflow.experiment,
+        "mlflow.registered_model": config.mlflow.registered_model, "dvc.repo": config.dvc.repo,
+        "dvc.remote": config.dvc.remote, "records.dir": config.records.dir, "captures.url": config.captures.url,
+    }
+
+
 def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, classes: list[str], monitor_run_id: str,
                    overrides: list[str]) -> Retraining:
     """Start the build flow once per breach (cool-down), through its deployment or in-process,
     on the source data plus the labelled production images of `monitor.retrain.production`
     (waiting while there are fewer than `monitor.retrain.min_labelled`).
 
-    The build gets this run's overrides that concern it (the same stores), then
-    `monitor.retrain.overrides`.
+    The build gets this run's stores (`stores_of`: whatever the environment of the worker that runs
+    it), this run's overrides that concern it, then `monitor.retrain.overrides`.
     """
     logger, policy = get_run_logger(), config.monitor.retrain
     state_path, now = config.paths.monitor / "retrain.json", datetime.now(UTC)
@@ -171,7 +181,11 @@ def retrain_if_due(config: MonitorConfig, judged: report.MonitorReport, classes:
         return result
     trigger = f"monitor/{flow_run.get_id() or monitor_run_id}"
     data = [f"data.production={policy.production}"] if policy.production else []
-    build_overrides = [*overrides_for("build", overrides), *data, *policy.overrides, f"trigger={trigger}"]
+    stores, withheld = retrain.store_overrides(stores_of(config))
+    if withheld:
+        logger.warning("not passed to the build (they hold a password): %s; the worker's environment must give"
+                       " the same values", ", ".join(withheld))
+    build_overrides = [*stores, *overrides_for("build", overrides), *data, *policy.overrides, f"trigger={trigger}"]
     if decision.kind is retrain.RetrainKind.DEPLOYMENT:
         result.started = start_deployment(policy.deployment, {"env": config.environment, "overrides": build_overrides})
     else:

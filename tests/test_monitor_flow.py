@@ -157,3 +157,53 @@ def test_with_too_few_labels_the_retrain_waits_and_says_why(workspace):
     assert exported.parent == workspace / "monitor" / "drift-waiting" / "labelling"
     rows = (exported / "tasks.csv").read_text().splitlines()[1:]
     assert len(rows) == 5 and len(list((exported / "unlabelled").iterdir())) == 5
+
+
+def test_a_retrain_started_through_a_deployment_lands_in_the_monitors_registry(workspace, tmp_path, monkeypatch):
+    """The retrain trap: the worker that runs the build has another MLOPS_WORKSPACE; the new
+    version must still land in the registry this monitor watches (its stores are passed along)."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.chain import deployment_exists
+
+    monkeypatch.setenv("MLOPS_WORKSPACE", str(workspace))  # the monitor's stores come from its environment
+    overrides = [f"paths.deploy={workspace}/deploy/elsewhere", f"records.dir={workspace}/records/elsewhere",
+                 f"paths.monitor={workspace}/monitor/elsewhere"]
+    url = serve(workspace, overrides)
+    replay(workspace, url, requests=120, drift="brightness", feedback_share=0.5)
+
+    elsewhere = tmp_path / "worker-workspace"
+    worker_env = os.environ | {"MLOPS_WORKSPACE": str(elsewhere), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    runner = subprocess.Popen(  # a process that runs the build deployment's flow runs, as a worker does
+        [sys.executable, "-c", "from flows.build import build; build.serve(name='retrain-elsewhere')"],
+        cwd=Path(__file__).resolve().parents[1], env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    uri = f"sqlite:///{workspace}/mlflow.db"
+    client = MlflowClient(uri, uri)
+    try:
+        deadline = time.monotonic() + 120
+        while not deployment_exists("build/retrain-elsewhere"):
+            assert runner.poll() is None and time.monotonic() < deadline, runner.stderr.read()[-3000:] if runner.poll() else "no deployment"
+            time.sleep(1)
+        before = len(client.search_model_versions(f"name = '{MODEL}'"))
+        result = run_monitor([*overrides, "monitor.retrain.mode=deployment", "monitor.retrain.deployment=build/retrain-elsewhere"])
+        assert result.retrain.decision == "deployment" and result.retrain.started, result.retrain
+        deadline = time.monotonic() + 600
+        with get_client(sync_client=True) as prefect:
+            while not (state := prefect.read_flow_run(result.retrain.started).state).is_final():
+                assert time.monotonic() < deadline, f"the retraining build is still {state.type}"
+                time.sleep(2)
+        assert state.is_completed(), state.message
+    finally:
+        runner.terminate()
+        runner.wait(timeout=60)
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert len(versions) == before + 1  # in the registry this monitor watches
+    newest = max(versions, key=lambda v: int(v.version))
+    assert client.get_run(newest.tags["build_run_id"]).data.tags["mlops.trigger"].startswith("monitor/")
+    assert not (elsewhere / "mlflow.db").exists() and not (elsewhere / "dvc").exists()  # nothing in the worker's

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from mlops.monitor.retrain import RetrainDecision, RetrainKind, retrain_policy
+from mlops.monitor.retrain import RetrainDecision, RetrainKind, retrain_policy, store_overrides
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SECTIONS = ["drift", "performance"]
@@ -82,3 +83,28 @@ def test_the_cooldown_comes_before_the_label_count():
     decision = retrain_policy(["drift.drifted_share"], SECTIONS, "auto", timedelta(hours=6), NOW - timedelta(hours=1),
                               NOW, True, labelled=0, min_labelled=20)
     assert decision.kind is RetrainKind.COOLDOWN
+
+
+def test_store_overrides_point_a_build_at_the_monitors_stores():
+    overrides, withheld = store_overrides({
+        "paths.workspace": Path("/srv/ml ws"), "mlflow.tracking_uri": "sqlite:////srv/ml ws/mlflow.db",
+        "mlflow.artifact_location": None, "dvc.remote": "s3://bucket/dvc?region=eu,west", "records.dir": "/srv/it's",
+    })
+    assert overrides == ["paths.workspace='/srv/ml ws'", "mlflow.tracking_uri='sqlite:////srv/ml ws/mlflow.db'",
+                         "dvc.remote='s3://bucket/dvc?region=eu,west'", "records.dir='/srv/it\\'s'"]
+    assert withheld == []
+
+
+def test_a_store_url_with_a_password_is_never_passed():
+    overrides, withheld = store_overrides({"mlflow.tracking_uri": "postgresql://mlflow:s3cret@db:5432/mlflow",
+                                           "dvc.remote": "s3://bucket/dvc"})
+    assert withheld == ["mlflow.tracking_uri"] and overrides == ["dvc.remote='s3://bucket/dvc'"]
+    assert "s3cret" not in " ".join(overrides)
+
+
+def test_store_overrides_are_what_hydra_composes_back():
+    from flows.config import load_config
+
+    stores = {"paths.workspace": "/srv/a,b", "mlflow.tracking_uri": "sqlite:////srv/a,b/it's.db", "captures.url": "s3://c/x y"}
+    config = load_config("build", "test", store_overrides(stores)[0])
+    assert (str(config.paths.workspace), config.mlflow.tracking_uri, config.captures.url) == tuple(stores.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 
 class RetrainKind(StrEnum):
@@ -69,3 +70,20 @@ def retrain_policy(
     if mode == "deployment":
         return RetrainDecision(RetrainKind.MISSING_DEPLOYMENT, reasons, "monitor.retrain.deployment does not exist")
     return RetrainDecision(RetrainKind.IN_PROCESS, reasons, "mode auto and no build deployment: in-process")
+
+
+def store_overrides(stores: dict[str, object]) -> tuple[list[str], list[str]]:
+    """Hydra overrides that point a build at these stores (dotted key -> resolved value), whatever
+    the environment of the process that runs it (a Prefect worker with another `MLOPS_WORKSPACE`);
+    and the keys left out because their value holds a password (a flow run's parameters show in the
+    Prefect UI; the worker's environment must supply those)."""
+    overrides, withheld = [], []
+    for key, value in stores.items():
+        if value is None:
+            continue
+        text = str(value)
+        if urlsplit(text).password is not None:
+            withheld.append(key)
+            continue
+        overrides.append(f"{key}='{text.replace(chr(39), chr(92) + chr(39))}'")
+    return overrides, withheld
