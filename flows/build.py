@@ -57,7 +57,7 @@ class BuildResult:
     version: str | None
     reused_run_id: str | None
     chained: str | None = None  # the flow run started by chain.after_build
-    gate: str = "passed"  # or "failed" (a sweep's job: register=False returns instead of raising)
+    gate: str = "passed"  # or "failed" (a sweep's job: sweep_job=True returns instead of raising)
     metrics: dict[str, float] = field(default_factory=dict)  # test_*, val_*, holdout_*: what a sweep chooses by
 
 
@@ -231,10 +231,10 @@ def register_model(registry: Registry, source_run_id: str, tags: dict[str, str],
 
 @flow(name="build", log_prints=True)
 def build(env: str = "test", overrides: list[str] | None = None, parent_run_id: str | None = None,
-          register: bool = True) -> BuildResult:
+          sweep_job: bool = False) -> BuildResult:
     """Build a model from the `conf/build.yaml` config in environment `env` with Hydra `overrides`.
 
-    A sweep's jobs run with the sweep's MLflow run as `parent_run_id` and `register=False`: they
+    A sweep's jobs run with the sweep's MLflow run as `parent_run_id` and `sweep_job=True`: they
     stop after the gate (a failed gate returns rather than raises) and the sweep registers the best.
     """
     overrides = list(overrides or [])
@@ -312,12 +312,12 @@ def build(env: str = "test", overrides: list[str] | None = None, parent_run_id: 
                 metrics={"accuracy": new.accuracy, "macro_f1": new.macro_f1, "p95_latency_ms": new.latency_p95_ms},
                 report=report, version=version, alias=config.mlflow.candidate_alias,
                 tracking_uri=config.mlflow.tracking_uri, run_id=run_id,
-                note=None if register else f"a job of sweep run `{parent_run_id}`: the sweep registers its best passing job",
+                note=None if not sweep_job else f"a job of sweep run `{parent_run_id}`: the sweep registers its best passing job",
             )
             logger.info("summary\n%s", text)
             create_markdown_artifact(text, key="build-summary", description="Build summary")
 
-        if not register:
+        if sweep_job:
             summarize(None)
             return BuildResult(run_id, dataset.version, config.mlflow.registered_model, None, reused,
                                gate="passed" if report.passed else "failed", metrics=metrics)
@@ -351,7 +351,7 @@ def build(env: str = "test", overrides: list[str] | None = None, parent_run_id: 
 class BuildSweep:
     """A `-m` run of the build (a grid, or `search=optuna`) that chooses.
 
-    Every job is a build with `register=False`, a child run of the sweep's MLflow run; jobs with the
+    Every job is a build with `sweep_job=True`, a child run of the sweep's MLflow run; jobs with the
     same data settings share one data version (ingested by the first of them). At the end, a table
     of the jobs, and the best passing job by `sweep.metric` is built again with its data version
     pinned: that reuses its trained model, registers it and moves the candidate alias.
@@ -372,7 +372,7 @@ class BuildSweep:
                 self.start(env, config, overrides)
             key = data_key(config)
             pinned = [f"data.version={self.data_versions[key]}"] if key in self.data_versions else []
-            result = build(env=env, overrides=[*overrides, *pinned], parent_run_id=self.parent, register=False)
+            result = build(env=env, overrides=[*overrides, *pinned], parent_run_id=self.parent, sweep_job=True)
             self.data_versions.setdefault(key, result.data_version)
             job.metrics, job.gate, job.run_id, job.data_version = result.metrics, result.gate, result.run_id, result.data_version
             return sweep.objective(result.metrics, config.sweep.metric)
