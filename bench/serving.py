@@ -3,7 +3,7 @@
     python bench/serving.py [--concurrency 8] [--seconds 10] [--batch 32]
 
 One run builds a model (the build flow, env=test, 1 epoch, in a temporary workspace) and serves
-the same registered version, `image-classifier@candidate`, three ways:
+the same registered version, `digits@candidate`, three ways:
 
 1. our server, `python -m mlops.serve`: the client posts the PNG bytes of the test images
    (`/predict`, or `/predict/batch` with one multipart part per image);
@@ -45,7 +45,7 @@ from PIL import Image
 
 from mlops.data.layout import dataset_dir
 
-MODEL = "image-classifier"
+MODEL = "digits"
 ALIAS = "candidate"
 WARMUP_SECONDS = 1.0
 READY_TIMEOUT_S = 120.0

@@ -136,7 +136,7 @@ class LiveApp:
         self.sock.close()
 
 
-def register_tiny(onnx_path: Path, workspace: Path, name: str = "image-classifier") -> tuple[str, str]:
+def register_tiny(onnx_path: Path, workspace: Path, name: str = "digits") -> tuple[str, str]:
     """`onnx_path` logged and registered as the build flow does (checksum included) as a new
     version of `name` in the sqlite MLflow store under `workspace`: (tracking URI, version)."""
     from mlops.config import MlflowConfig

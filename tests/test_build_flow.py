@@ -17,7 +17,7 @@ from mlops.train import evaluation
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
-MODEL = "image-classifier"
+MODEL = "digits"  # the registered model is named after the dataset
 
 
 @pytest.fixture(scope="module")

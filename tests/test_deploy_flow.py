@@ -19,7 +19,7 @@ from mlops.deploy import processes as deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
-MODEL = "image-classifier"
+MODEL = "digits"  # the registered model is named after the dataset
 TOKEN = "test-token-123"
 
 

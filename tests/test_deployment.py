@@ -47,7 +47,7 @@ def test_manifests_are_valid_kubernetes_and_carry_the_config(production, tmp_pat
     assert env["MLOPS_API_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "model-server-token"
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     # TLS ends at the Ingress, with the certificate of a kubernetes.io/tls Secret
-    assert ingress["kind"] == "Ingress" and ingress["spec"]["tls"] == [{"secretName": "image-classifier-server-tls"}]
+    assert ingress["kind"] == "Ingress" and ingress["spec"]["tls"] == [{"secretName": "digits-server-tls"}]
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": service["metadata"]["name"], "port": {"name": "http"}}
 

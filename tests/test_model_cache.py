@@ -20,7 +20,7 @@ from mlops.registry import ONNX_SHA256_TAG, ChecksumMismatch, cached_model, sha2
 from mlops.serve.inference import ModelSpec, OnnxClassifier
 from mlops.serve.server import load_served
 
-MODEL = "image-classifier"
+MODEL = "digits"  # the registered model is named after the dataset
 
 
 def version_of(uri: str, number: str = "1"):
@@ -127,7 +127,7 @@ def test_a_stored_file_changed_after_approval_stops_the_server(tiny_onnx, tmp_pa
     )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot load image-classifier (1): ChecksumMismatch: checksum mismatch:"), done.stderr
+    assert last.startswith("error: cannot load digits (1): ChecksumMismatch: checksum mismatch:"), done.stderr
     assert "the stored model file" in last and "Traceback" not in done.stderr
     assert not list((tmp_path / "cache").glob("*/model.onnx"))  # nothing unverified entered the cache
 

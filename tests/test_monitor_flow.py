@@ -21,7 +21,7 @@ from mlops.serve.records import hour_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
-MODEL = "image-classifier"
+MODEL = "digits"  # the registered model is named after the dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The model server process: load one registered version, bind its sockets, run uvicorn.
 
     python -m mlops.serve --tracking-uri sqlite:///workspace/mlflow.db \\
-        --model image-classifier --alias candidate [--port 8000]
+        --model digits --alias candidate [--port 8000]
 
 Limits and batching come from `--settings` (the `serve` section as JSON, which the deploy flow
 passes) or else from `conf/serve/default.yaml`; `--host`/`--port` override them. With
