@@ -1,63 +1,86 @@
-"""Replay the served version's test split against an environment's live server (demos, tests).
+"""The traffic flow: replay the served version's test split against an environment's live server
+(demos, tests, a bounded load), with a progress bar, a summary line and a Prefect artifact.
 
-    python -m flows.traffic env=test                                  # each test image once
-    python -m flows.traffic env=test drift=brightness requests=200 feedback=0.5
-    python -m flows.traffic env=production drift=class_mix target=3
+    python -m flows.traffic env=test                                   # each test image once
+    python -m flows.traffic env=test traffic.drift=brightness traffic.requests=200 traffic.feedback=0.5
+    python -m flows.traffic env=production traffic.drift=class_mix traffic.target=3
 
-Replay options (drift, strength, requests, feedback, concurrency, seed, target) are given as
-key=value like Hydra overrides; everything else is a Hydra override of the deploy config, which
-names the live server, its token variable and the DVC store. `python -m mlops.traffic --help`
-is the same tool for any URL and image folder.
+What to send is `traffic:` in `conf/traffic.yaml`; the live server, its token variable and the
+stores come from the environment's deploy settings. `python -m mlops.traffic --help` is the same
+replay for any URL and image folder, without Prefect.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
-from flows.config import load_config
-from mlops import traffic
-from mlops.config import ConfigError, secret
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from flows.config import load_config, run_cli
+from mlops import traffic as replay
+from mlops.config import TrafficConfig, secret
 from mlops.data.versioning import dataset_of
 from mlops.deploy import processes
 from mlops.registry import Registry
 
-OPTIONS = {"drift": str, "strength": float, "requests": int, "feedback": float, "concurrency": int, "seed": int, "target": str}
+
+class ReplayFailed(RuntimeError):
+    pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    env, overrides, options = "test", [], {}
-    for item in sys.argv[1:] if argv is None else argv:
-        key, _, value = item.partition("=")
-        if key == "env":
-            env = value
-        elif key in OPTIONS:
-            try:
-                options[key] = OPTIONS[key](value)
-            except ValueError:
-                sys.exit(f"error: {key}={value}: expected {OPTIONS[key].__name__}")
-        else:
-            overrides.append(item)
-    try:
-        config = load_config("deploy", env, overrides)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+@dataclass
+class TrafficResult:
+    url: str
+    version: str
+    sent: int
+    ok: int
+    errors: int
+    feedback_sent: int
+    accuracy: float
+    elapsed_s: float
+
+
+@flow(name="traffic", log_prints=True)
+def traffic(env: str = "test", overrides: list[str] | None = None) -> TrafficResult:
+    """Replay `traffic:` against environment `env`'s live server; fails when no request got an answer."""
+    logger = get_run_logger()
+    config: TrafficConfig = load_config("traffic", env, list(overrides or []))
+    options = config.traffic
     live = processes.read_live(config.paths.deploy)
     if live is None or not processes.is_running(live):
-        sys.exit(f"error: no server is live in {env} (start one with python -m flows.deploy env={env})")
+        raise ReplayFailed(f"no server is live in {env} (start one with python -m flows.deploy env={env})")
     prepared = dataset_of(Registry(config.mlflow).version_tags(live.version), config.dvc)
-    try:
-        token = secret(config.serve.token_env)
-        result = traffic.replay(
-            live.url, traffic.load_images(prepared.path / "test"), requests=options.get("requests"),
-            drift=options.get("drift", "none"), strength=options.get("strength", 0.8),
-            feedback_share=options.get("feedback", 0.0), concurrency=options.get("concurrency", 4),
-            token=token, seed=options.get("seed", 0), class_mix_target=options.get("target"), verify=live.verify,
+    images = replay.load_images(prepared.path / "test")
+    total = options.requests or len(images)
+    with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not sys.stderr.isatty(), transient=True) as bar:
+        task = bar.add_task("replay", total=total)
+        result = replay.replay(
+            live.url, images, requests=options.requests, drift=options.drift, strength=options.strength,
+            feedback_share=options.feedback, concurrency=options.concurrency, token=secret(config.serve.token_env),
+            seed=options.seed, class_mix_target=options.target, verify=live.verify,
+            progress=lambda: bar.advance(task),
         )
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    print(f"{live.url} (version {live.version}) drift={options.get('drift', 'none')}: {result.summary()}")
-    return 0 if result.ok else 1
+    line = f"{live.url} (version {live.version}) drift={options.drift}: {result.summary()}"
+    logger.info(line)
+    create_markdown_artifact(
+        f"## Traffic {env}: {result.sent} requests to version {live.version}\n\n{line}\n\n"
+        + "| sent | ok | errors | feedback | accuracy | seconds |\n|---:|---:|---:|---:|---:|---:|\n"
+        + f"| {result.sent} | {result.ok} | {result.errors} | {result.feedback_sent} | {result.accuracy:.3f}"
+          f" | {result.elapsed_s:.1f} |\n",
+        key=f"traffic-{env}", description="Replayed traffic")
+    if not result.ok:
+        raise ReplayFailed(f"no request of {result.sent} got an answer from {live.url}")
+    return TrafficResult(live.url, live.version, result.sent, result.ok, result.errors, result.feedback_sent,
+                         result.accuracy, result.elapsed_s)
+
+
+def main() -> None:
+    run_cli("traffic", lambda env, overrides: traffic(env=env, overrides=overrides))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -18,7 +18,7 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -178,12 +178,14 @@ def replay(
     class_mix_target: str | None = None,
     timeout_s: float = 30.0,
     verify: ssl.SSLContext | str | bool = True,
+    progress: Callable[[], object] | None = None,
 ) -> ReplayResult:
     """Send the picked images (see `pick_images`) to `POST {url}/predict`, corrupted by `drift`.
 
     Then `POST {url}/feedback` the true label of round(feedback_share x ok) answered requests,
     chosen from `seed`. Failures are counted, never raised. `verify`: an https server's
-    certificate check (httpx's argument, e.g. `LiveServer.verify`).
+    certificate check (httpx's argument, e.g. `LiveServer.verify`); `progress()` is called after
+    each predict request (from the client threads).
     """
     if not 0.0 <= feedback_share <= 1.0:
         raise ValueError(f"feedback_share {feedback_share} is outside [0, 1]")
@@ -204,6 +206,8 @@ def replay(
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read image {path}: {error}") from error
         reply = predict(client, url, body, headers)
+        if progress is not None:
+            progress()
         return Answer(path, label, reply.status, reply.request_id, reply.prediction)
 
     def feedback(client: httpx.Client, _: int, answer: Answer) -> None:

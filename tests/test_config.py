@@ -14,9 +14,10 @@ from mlops.config import ConfigError
 
 # the groups each primary config lists (its defaults list): a flow validates only its own
 GROUPS = {
-    "build": ("data", "model", "train", "gate", "env"),
+    "build": ("data", "model", "train", "gate", "search", "env"),
     "deploy": ("serve", "deploy", "env"),
     "monitor": ("monitor", "env"),
+    "traffic": ("serve", "deploy", "env"),
 }
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +46,28 @@ def test_every_option_composes_and_validates(flow, group, option, tmp_path, monk
 
 
 def test_each_flow_validates_only_its_own_sections(tmp_path):
-    build, deploy, monitor = (load_config(flow, "test", [f"paths.workspace={tmp_path}"]) for flow in GROUPS)
+    build, deploy, monitor = (load_config(flow, "test", [f"paths.workspace={tmp_path}"]) for flow in ("build", "deploy", "monitor"))
     assert {"data", "model", "train", "gate"} <= set(build.model_fields) and "serve" not in build.model_fields
     assert {"serve", "deploy", "action"} <= set(deploy.model_fields) and "train" not in deploy.model_fields
     assert "monitor" in monitor.model_fields and not {"data", "train", "serve"} & set(monitor.model_fields)
     assert build.paths == deploy.paths == monitor.paths  # the common sections agree
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("traffic.drift=blurr", "traffic.drift: Input should be 'none', 'brightness', 'noise', 'blur' or 'class_mix' (got 'blurr')"),
+    ("traffic.drif=blur", "traffic.drif: not a key of the traffic config; did you mean `traffic.drift`?"),
+    ("traffic.requests=0", "traffic.requests: Input should be greater than or equal to 1 (got 0)"),
+    ("traffic.feedback=2", "traffic.feedback: Input should be less than or equal to 1"),
+])
+def test_a_bad_replay_option_is_a_config_error_naming_it(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("traffic", "test", [override])
+    assert message in str(error.value)
+
+
+def test_the_replay_defaults_send_each_test_image_once_without_feedback():
+    options = load_config("traffic", "test", []).traffic
+    assert (options.drift, options.requests, options.feedback) == ("none", None, 0.0)
 
 
 @pytest.mark.parametrize("flow", list(GROUPS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import httpx
 import psutil
@@ -175,6 +176,27 @@ def test_a_server_that_cannot_start_leaves_production_alone(stack):
     assert predict(stack).json()["model"]["version"] == "1"  # the old server kept serving
     live = deployment.read_live(stack[0] / "deploy" / "production")
     assert live.version == "1" and deployment.is_running(live.pid)
+
+
+def test_the_traffic_flow_replays_against_the_live_server(stack):
+    from flows.traffic import traffic
+
+    records = stack[0] / "records" / "production"
+
+    def recorded(kind: str) -> int:
+        return sum(len(path.read_text().splitlines()) for path in (records / kind).rglob("*.jsonl"))
+
+    time.sleep(1.5)  # what earlier tests sent is flushed first
+    before = recorded("requests"), recorded("feedback")
+    state = traffic(env="production", overrides=[f"paths.workspace={stack[0]}", "traffic.requests=30",
+                                                 "traffic.feedback=0.5", "traffic.drift=brightness"], return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    live = deployment.read_live(stack[0] / "deploy" / "production")
+    assert (result.url, result.version) == (live.url, live.version)
+    assert (result.sent, result.ok, result.errors, result.feedback_sent) == (30, 30, 0, 15)
+    time.sleep(1.5)  # the server flushes its records every second
+    assert (recorded("requests") - before[0], recorded("feedback") - before[1]) == (30, 15)
 
 
 def test_stop_action_stops_the_production_server(stack):

@@ -17,14 +17,16 @@ from mlops.config.common import (
     secret,
     validate_config,
 )
-from mlops.config.deploy import AppTests, DeployConfig, KubernetesConfig
+from mlops.config.deploy import AppTests, DeployConfig, KubernetesConfig, TrafficConfig
 from mlops.config.monitor import MonitorConfig, MonitorSettings
 from mlops.config.serve import ServeConfig
 
-SCHEMAS: dict[str, type[CommonConfig]] = {"build": BuildConfig, "deploy": DeployConfig, "monitor": MonitorConfig}
+SCHEMAS: dict[str, type[CommonConfig]] = {
+    "build": BuildConfig, "deploy": DeployConfig, "monitor": MonitorConfig, "traffic": TrafficConfig,
+}
 
 __all__ = [
     "SCHEMAS", "AppTests", "BuildConfig", "CommonConfig", "ConfigError", "DataConfig", "DeployConfig", "DvcConfig",
     "ExportConfig", "GateThresholds", "SweepConfig", "KubernetesConfig", "MlflowConfig", "ModelConfig", "MonitorConfig", "MonitorSettings",
-    "RecordsConfig", "ServeConfig", "TrainConfig", "ValidationPolicy", "renamed", "secret", "validate_config",
+    "RecordsConfig", "ServeConfig", "TrafficConfig", "TrainConfig", "ValidationPolicy", "renamed", "secret", "validate_config",
 ]

@@ -62,3 +62,21 @@ class DeployConfig(CommonConfig):
                 f" (deploy.actions: {', '.join(deploy.actions)})"
             )
         return action
+
+
+class TrafficSettings(Section):
+    """What `python -m flows.traffic` replays against an environment's live server."""
+
+    drift: Literal["none", "brightness", "noise", "blur", "class_mix"]
+    strength: float = Field(ge=0.0, le=1.0)
+    requests: int | None = Field(ge=1)  # None: each test image once
+    feedback: float = Field(ge=0.0, le=1.0)  # share of answered requests labelled through /feedback
+    concurrency: int = Field(ge=1, le=64)
+    seed: int = Field(ge=0)
+    target: str | None = None  # class_mix: the class sent most
+
+
+class TrafficConfig(DeployConfig):
+    """The environment's deploy config (its live server, token variable and stores), plus the replay."""
+
+    traffic: TrafficSettings
