@@ -26,7 +26,11 @@ def test_grid_sweep_registers_only_the_best_passing_job(tmp_path):
         stdout, stderr = process.communicate(timeout=600)
     except subprocess.TimeoutExpired:  # once seen in CI: say where every thread waits
         process.send_signal(signal.SIGABRT)
-        _, stderr = process.communicate()
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
         pytest.fail(f"the sweep hung for 600 s; its threads:\n{stderr[-8000:]}")
     assert process.returncode == 0, stderr[-3000:]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
