@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mlops.config import SCHEMAS, ConfigError, validate_config
 from mlops.config.common import did_you_mean, schema_keys, unknown_key
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from flows.startup import CONF_DIR  # noqa: E402  (one definition, light enough for startup)
 
 
 def groups_of(config_name: str) -> dict[str, list[str]]:
