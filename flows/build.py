@@ -12,6 +12,7 @@ call; the ones that talk to MLflow or a DVC remote retry.
 from __future__ import annotations
 
 import json
+import random
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
@@ -145,9 +146,14 @@ def train_model(config: BuildConfig, dataset: Dataset, tracking_uri: str, run_id
 
 
 @task(**LOCAL)
-def package_model(export: ExportConfig, trained, dataset: Dataset, workdir: Path) -> tuple[Path, packaging.Parity]:
-    """Export to ONNX and check parity against PyTorch on test images."""
-    onnx_path = packaging.export_onnx(trained.network, trained.spec, workdir / ONNX_FILE, export.opset)
+def package_model(export: ExportConfig, trained, dataset: Dataset, workdir: Path, seed: int) -> tuple[Path, packaging.Parity]:
+    """Fit the embedding projection on training images, export to ONNX, and check parity
+    against PyTorch on test images."""
+    train = dataset.prepared.files("train")
+    sample = random.Random(seed).sample(train, min(len(train), export.projection_images))
+    batches = (np.stack([load_array(path, trained.spec) for path, _ in sample[i : i + 64]]) for i in range(0, len(sample), 64))
+    projection = packaging.fit_projection(packaging.embeddings(trained.network, batches), export.embedding_dims, seed)
+    onnx_path = packaging.export_onnx(trained.network, trained.spec, workdir / ONNX_FILE, export.opset, projection)
     batch = parity_batch(dataset, trained.spec, export.parity_images)
     return onnx_path, packaging.check_parity(trained.network, onnx_path, batch, export.parity_atol, export.parity_rtol)
 
@@ -161,18 +167,20 @@ def log_model(registry: Registry, run_id: str, weights: Path, onnx_path: Path, p
     """The weights, the parity figure and the ONNX file in MLflow's ONNX flavour."""
     registry.log_artifact(run_id, weights, "weights")
     registry.log(run_id, metrics={"onnx_parity_max_abs_diff": parity.max_abs_diff})
-    registry.log_onnx_model(run_id, onnx_path, example, OnnxClassifier(onnx_path).logits(example))
+    model = OnnxClassifier(onnx_path)
+    outputs = model.session.run(None, {model.input_name: example})
+    registry.log_onnx_model(run_id, onnx_path, example, dict(zip([o.name for o in model.session.get_outputs()], outputs)))
 
 
 @task(**LOCAL)
-def profile_reference(onnx_path: Path, dataset: Dataset, folder: Path) -> Path:
+def profile_reference(onnx_path: Path, dataset: Dataset, folder: Path, seed: int) -> tuple[Path, float | None]:
     """The monitor's reference: whylogs profile of train-split image features and of the
-    model's outputs on the validation split."""
+    model's outputs on the validation split, its embeddings, and the calibration temperature."""
     from mlops.monitor.profiling import build_reference
 
     train = [path for path, _ in dataset.prepared.files("train")]
-    val = [path for path, _ in dataset.prepared.files("val")]
-    return build_reference(OnnxClassifier(onnx_path), train, val).save(folder)
+    reference = build_reference(OnnxClassifier(onnx_path), train, dataset.prepared.files("val"), seed)
+    return reference.save(folder), reference.temperature
 
 
 @task(**NETWORK)
@@ -280,11 +288,13 @@ def build(env: str = "test", overrides: list[str] | None = None, parent_run_id: 
             registry.log(run_id, tags={TRAIN_KEY_TAG: key})
             trained = train_model(config, dataset, config.mlflow.tracking_uri, run_id, workdir)
             trained_metrics = trained.metrics
-            onnx_path, parity = package_model(config.export, trained, dataset, workdir)
+            onnx_path, parity = package_model(config.export, trained, dataset, workdir, config.seed)
             example = parity_batch(dataset, trained.spec, 1)
             log_model(registry, run_id, trained.weights, onnx_path, parity, example)
-            reference = profile_reference(onnx_path, dataset, workdir / "reference")
+            reference, temperature = profile_reference(onnx_path, dataset, workdir / "reference", config.seed)
             log_artifacts(registry, run_id, reference, REFERENCE_ARTIFACT)
+            if temperature is not None:
+                registry.log(run_id, metrics={"calibration_temperature": temperature})
             source_run_id = run_id
 
         files, holdout_files = dataset.prepared.files("test"), dataset.prepared.files(production.HOLDOUT)

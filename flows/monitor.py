@@ -85,9 +85,7 @@ def analyse(config: MonitorConfig, ref: VersionRef, reference: Reference | None,
             start: datetime, end: datetime) -> tuple[report.MonitorReport, window.Traffic]:
     """Every section's checks over the window."""
     traffic = window.load_traffic(config.records.dir, ref.version, start, end)
-    live = processes.read_live(config.paths.deploy)  # /metrics needs no token
-    metrics_text = window.scrape(live.url + "/metrics", live.verify) if traffic.requests and live and live.version == ref.version else None
-    judged = report.judge(traffic, reference, classes, metrics_text, config.monitor, config.slo.max_p95_latency_ms)
+    judged = report.judge(traffic, reference, classes, config.monitor, config.slo.max_p95_latency_ms)
     return judged, traffic
 
 

@@ -189,7 +189,7 @@ class Registry:
 
     # -- models ----------------------------------------------------------------------------
 
-    def log_onnx_model(self, run_id: str, onnx_path: Path, example: np.ndarray, logits: np.ndarray) -> str:
+    def log_onnx_model(self, run_id: str, onnx_path: Path, example: np.ndarray, outputs: np.ndarray | dict) -> str:
         """Log the ONNX file in MLflow's ONNX flavour under the run's `model/` artifact path;
         returns the logged file's sha256 (also the run's tag `mlops.onnx_sha256`)."""
         import mlflow.onnx
@@ -199,7 +199,7 @@ class Registry:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / MODEL_ARTIFACT
             mlflow.onnx.save_model(
-                onnx.load(str(onnx_path)), str(target), signature=infer_signature(example, logits),
+                onnx.load(str(onnx_path)), str(target), signature=infer_signature(example, outputs),
                 save_as_external_data=False,
             )
             checksum = sha256_file(target / ONNX_FILE)  # of the file as logged (save_model rewrites it)

@@ -57,13 +57,14 @@ def test_durations():
 
 
 def test_too_few_labels_is_not_a_verdict(config):
-    checks = monitoring.performance_checks(traffic(100, labels=5), CLASSES, config)
-    assert [c.verdict for c in checks] == ["skipped"] * 3
+    checks = monitoring.performance_checks(traffic(100, labels=5), None, CLASSES, config)
+    assert [c.verdict for c in checks] == ["skipped"] * 4
     assert checks[0].note == "not enough labels: 5 < 20"
+    assert checks[3].name == "estimated_accuracy" and "no calibration" in checks[3].note
 
 
 def test_performance_on_labelled_requests(config):
-    checks = {c.name: c for c in monitoring.performance_checks(traffic(100, labels=40), CLASSES, config)}
+    checks = {c.name: c for c in monitoring.performance_checks(traffic(100, labels=40), None, CLASSES, config)}
     frame = monitoring.labelled(traffic(100, labels=40))
     assert checks["accuracy"].value == pytest.approx((frame["label"] == frame["prediction"]).mean(), abs=1e-6)
     assert "40 labelled requests" in checks["accuracy"].note
@@ -90,16 +91,21 @@ def test_integrity_flags_sizes_and_missing_values(config):
 
 def test_drift_is_found_only_where_the_data_moved(config):
     reference = reference_of(traffic(300, seed=1))
-    same, scores = monitoring.drift_checks(traffic(200, seed=2), reference, config)
+    same, scores = monitoring.drift_checks(traffic(200, seed=2), reference, CLASSES, config)
     assert same[0].passed and not any(s.drifted for s in scores if s.feature == "brightness")
-    moved, scores = monitoring.drift_checks(traffic(200, brightness=0.8, seed=2), reference, config)
+    moved, scores = monitoring.drift_checks(traffic(200, brightness=0.8, seed=2), reference, CLASSES, config)
     assert {s.feature for s in scores if s.drifted} == {"brightness"}
-    assert moved[0].value == pytest.approx(1 / len(scores), abs=1e-6)
+    assert moved[0].value == pytest.approx(1 / 7, abs=1e-6)  # one of the seven image statistics
+    assert "1/7 image statistics drifted: brightness" in moved[0].note
+    # a reference without softmax vectors or embeddings (built before them): skipped, said why
+    checks = {c.name: c for c in moved}
+    assert checks["output_drift"].verdict == "skipped" and "no softmax outputs" in checks["output_drift"].note
+    assert checks["embedding_drift"].verdict == "skipped" and "no reference embeddings" in checks["embedding_drift"].note
 
 
 def test_drift_needs_a_reference_and_enough_requests(config):
-    assert monitoring.drift_checks(traffic(100), None, config)[0][0].note.startswith("the version has no reference")
-    assert monitoring.drift_checks(traffic(5), reference_of(traffic(100)), config)[0][0].verdict == "skipped"
+    assert monitoring.drift_checks(traffic(100), None, CLASSES, config)[0][0].note.startswith("the version has no reference")
+    assert [c.verdict for c in monitoring.drift_checks(traffic(5), reference_of(traffic(100)), CLASSES, config)[0]] == ["skipped"] * 4
 
 
 def test_hellinger_threshold_is_a_distance():
@@ -117,23 +123,20 @@ def test_prediction_shift_against_reference(config):
     assert shift.value == pytest.approx(1 - reference.values["prediction"].count("dog") / 200, abs=1e-6)
 
 
-def test_telemetry_reads_the_prometheus_histogram(config):
-    text = """# TYPE mlops_request_latency_seconds histogram
-mlops_request_latency_seconds_bucket{endpoint="/predict",le="0.005"} 90.0
-mlops_request_latency_seconds_bucket{endpoint="/predict",le="0.01"} 96.0
-mlops_request_latency_seconds_bucket{endpoint="/predict",le="+Inf"} 100.0
-mlops_request_latency_seconds_count{endpoint="/predict"} 100.0
-mlops_request_latency_seconds_sum{endpoint="/predict"} 0.4
-# TYPE mlops_requests counter
-mlops_requests_total{endpoint="/predict",status="200"} 95.0
-mlops_requests_total{endpoint="/predict",status="422"} 5.0
-"""
-    checks = {c.name: c for c in monitoring.telemetry_checks(traffic(60), text, config, 250.0)}
-    assert checks["p95_latency_ms"].value == pytest.approx(10.0)
-    assert checks["error_rate"].value == pytest.approx(0.05)
-    assert checks["request_rate_per_min"].value == pytest.approx(1.0)
-    unreachable = {c.name: c for c in monitoring.telemetry_checks(traffic(60), None, config, 250.0)}
-    assert unreachable["p95_latency_ms"].note == "server /metrics not reachable"
+def test_telemetry_is_computed_over_the_window_from_the_records(config):
+    window = traffic(60, rejected=2)
+    window.served["latency_ms"] = np.arange(1.0, 61.0)  # 1..60 ms
+    window.failed = pd.DataFrame({"status": ["error"], "error": ["inference"]})
+    checks = {c.name: c for c in monitoring.telemetry_checks(window, config, 250.0)}
+    assert checks["p95_latency_ms"].value == pytest.approx(np.percentile(np.arange(1.0, 61.0), 95), abs=1e-6)
+    assert checks["p95_latency_ms"].note.startswith("p50 30.5 ms; 60 answered requests")
+    assert checks["error_rate"].value == pytest.approx(3 / 63, abs=1e-6)
+    assert checks["error_rate"].note == "2 rejected, 1 failed of 63 requests"
+    assert checks["request_rate_per_min"].value == pytest.approx(63 / 60, abs=1e-6)
+    window.served["latency_ms"] = 300.0
+    assert {c.name: c for c in monitoring.telemetry_checks(window, config, 250.0)}["p95_latency_ms"].passed is False
+    nothing = traffic(0, rejected=3)
+    assert {c.name: c for c in monitoring.telemetry_checks(nothing, config, 250.0)}["p95_latency_ms"].verdict == "skipped"
 
 
 def test_alerts_reach_a_webhook_and_slack_receiver(tmp_path):
@@ -192,7 +195,7 @@ def test_wrong_record_lines_are_skipped_and_counted_in_the_report(tmp_path, conf
         "invalid requests record: width: Input should be a valid number",
         "invalid feedback record: label: Input should be a valid string",
     ]
-    judged = judge(window, reference_of(good), CLASSES, None, config, 250.0)
+    judged = judge(window, reference_of(good), CLASSES, config, 250.0)
     checks = {c.name: c for section in judged.sections.values() for c in section}
     assert checks["accuracy"].note == "40 labelled requests" and checks["width_range"].passed
     assert "3 unreadable record lines or files skipped" in judged.to_markdown()

@@ -207,7 +207,7 @@ def test_wrong_lines_are_reported_with_the_field_and_skipped(tmp_path):
         f"{path}:2: invalid requests record: time: Input should have timezone info",
         f"{path}:3: invalid requests record: width: Input should be a valid number",
         f"{path}:4: invalid requests record: confidence: Input should be a valid number",
-        f"{path}:5: invalid requests record: status: Input should be 'ok' or 'rejected'",
+        f"{path}:5: invalid requests record: status: Input should be 'ok', 'rejected' or 'error'",
         f"{path}:6: invalid requests record: record: Value error, an ok record needs prediction",
         f"{path}:7: invalid requests record: model_version: Field required",
         f"{path}:8: invalid requests record: time: Value error, must be an ISO 8601 time text with a timezone",

@@ -107,6 +107,8 @@ class ExportConfig(Section):
     parity_rtol: float = Field(ge=0.0)
     parity_images: int = Field(ge=1)
     latency_images: int = Field(ge=1)
+    embedding_dims: int = Field(ge=2, le=256)
+    projection_images: int = Field(ge=2)
 
 
 class GateThresholds(Section):

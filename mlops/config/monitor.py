@@ -26,19 +26,31 @@ class FeatureDriftRule(Section):
     threshold: float = Field(gt=0.0, le=1.0)
 
 
+class OutputDriftRule(Section):
+    alpha: float = Field(gt=0.0, lt=1.0)  # BBSD: drift when the Bonferroni-adjusted p-value < alpha
+
+
+class EmbeddingDriftRule(Section):
+    method: Literal["mmd", "classifier"]
+    alpha: float = Field(gt=0.0, lt=1.0)  # drift when the p-value < alpha
+    permutations: int = Field(ge=20, le=10000)  # mmd only
+
+
 class DriftRules(Section):
     min_requests: int = Field(ge=1)
     default_algorithm: Literal["ks", "hellinger"]
     default_threshold: float = Field(gt=0.0, le=1.0)
     features: dict[str, FeatureDriftRule]
     max_drift_share: float = Field(ge=0.0, le=1.0)
+    outputs: OutputDriftRule
+    embedding: EmbeddingDriftRule
 
     @field_validator("features")
     @classmethod
     def _known_features(cls, value: dict[str, FeatureDriftRule]) -> dict[str, FeatureDriftRule]:
         from mlops.serve.features import FEATURES
 
-        known = {*FEATURES, "prediction", "confidence"}
+        known = {*FEATURES, "prediction"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown features {unknown}; known: {sorted(known)}")
@@ -50,6 +62,7 @@ class PerformanceRules(Section):
     min_accuracy: float = Field(ge=0.0, le=1.0)
     min_macro_precision: float = Field(ge=0.0, le=1.0)
     min_macro_recall: float = Field(ge=0.0, le=1.0)
+    estimate: bool  # judge the accuracy estimated from calibrated confidences (CBPE) against min_accuracy
 
 
 class TelemetryRules(Section):

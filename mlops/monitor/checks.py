@@ -5,11 +5,15 @@ labels, no reference) is skipped with a note instead of giving a noisy verdict.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from mlops.checks import Check, classification, compare, recall_gap_check, skipped
 from mlops.config import MonitorSettings
+from mlops.monitor.estimate import Estimate, calibrated, estimate_accuracy
 from mlops.monitor.profiling import OUTPUTS, FeatureDrift, Reference, check_constraints, drift_scores, profile_frame
+from mlops.monitor.shift import bbsd_test, embedding_test
+from mlops.serve.inference import softmax
 from mlops.monitor.window import Traffic
 from mlops.serve.features import FEATURES
 
@@ -52,13 +56,26 @@ def integrity_checks(traffic: Traffic, config: MonitorSettings) -> list[Check]:
     return checks
 
 
-def drift_checks(traffic: Traffic, reference: Reference | None, config: MonitorSettings) -> tuple[list[Check], list[FeatureDrift]]:
+def vectors(served: pd.DataFrame, column: str) -> np.ndarray:
+    """The rows of a list-valued record column (`logits`, `embedding`) that have it."""
+    if column not in served:
+        return np.zeros((0, 0))
+    rows = [row for row in served[column] if isinstance(row, list)]
+    return np.asarray(rows, dtype=np.float64) if rows else np.zeros((0, 0))
+
+
+def drift_checks(traffic: Traffic, reference: Reference | None, classes: list[str],
+                 config: MonitorSettings) -> tuple[list[Check], list[FeatureDrift]]:
+    """Image statistics (whylogs), the predicted class (chi-square), the softmax vector (BBSD)
+    and the embedding (MMD or a domain classifier), each against the version's reference."""
     rules = config.drift
+    names = ("drifted_share", "prediction_drift", "output_drift", "embedding_drift")
     if reference is None:
-        return [skipped("drifted_share", "the version has no reference profile: drift not computed")], []
+        return [skipped(name, "the version has no reference profile: drift not computed") for name in names], []
     if len(traffic.served) < rules.min_requests:
-        return [skipped("drifted_share", f"{len(traffic.served)} answered requests, minimum {rules.min_requests}")], []
-    columns = [c for c in (*FEATURES, *OUTPUTS) if c in traffic.served]
+        note = f"{len(traffic.served)} answered requests, minimum {rules.min_requests}"
+        return [skipped(name, note) for name in names], []
+    columns = [c for c in (*FEATURES, "prediction") if c in traffic.served]
     current = profile_frame(traffic.served[columns].astype({c: float for c in columns if c != "prediction"}))
     algorithms = {
         column: (rules.features[column].algorithm, rules.features[column].threshold)
@@ -67,10 +84,48 @@ def drift_checks(traffic: Traffic, reference: Reference | None, config: MonitorS
         for column in columns
     }
     scores = drift_scores(current, reference.profile, algorithms)
-    share = sum(s.drifted for s in scores) / len(scores) if scores else 0.0
-    drifted = [s.feature for s in scores if s.drifted]
-    note = f"{len(drifted)}/{len(scores)} features drifted: {', '.join(drifted) or 'none'}"
-    return [compare("drifted_share", share, "<=", rules.max_drift_share, note)], scores
+    pixels = [s for s in scores if s.feature != "prediction"]
+    share = sum(s.drifted for s in pixels) / len(pixels) if pixels else 0.0
+    drifted = [s.feature for s in pixels if s.drifted]
+    note = f"{len(drifted)}/{len(pixels)} image statistics drifted: {', '.join(drifted) or 'none'}"
+    checks = [compare("drifted_share", share, "<=", rules.max_drift_share, note)]
+    prediction = next((s for s in scores if s.feature == "prediction"), None)
+    if prediction is None:
+        checks.append(skipped("prediction_drift", "no predictions in the window or the reference"))
+    else:
+        checks.append(compare("prediction_drift", prediction.score, ">=", prediction.threshold, "chi-square p-value of the predicted class"))
+    checks.append(output_drift(traffic, reference, classes, rules))
+    checks.append(embedding_drift(traffic, reference, rules))
+    return checks, scores
+
+
+def output_drift(traffic: Traffic, reference: Reference, classes: list[str], rules) -> Check:
+    current = vectors(traffic.served, "logits")
+    if reference.logits is None:
+        return skipped("output_drift", "the reference has no softmax outputs (built before they were kept)")
+    if len(current) < rules.min_requests or current.shape[1] != len(classes):
+        return skipped("output_drift", f"{len(current)} requests recorded their logits, minimum {rules.min_requests}")
+    test = bbsd_test(softmax(reference.logits.astype(np.float64)), softmax(current), classes, rules.outputs.alpha)
+    return compare("output_drift", test.p_value, ">=", rules.outputs.alpha, f"BBSD p-value: {test.detail}")
+
+
+def embedding_drift(traffic: Traffic, reference: Reference, rules) -> Check:
+    current = vectors(traffic.served, "embedding")
+    if reference.embedding is None:
+        return skipped("embedding_drift", "the version has no reference embeddings (exported before embeddings)")
+    if len(current) < rules.min_requests:
+        return skipped("embedding_drift", f"{len(current)} requests recorded an embedding, minimum {rules.min_requests}")
+    settings = rules.embedding
+    test = embedding_test(settings.method, reference.embedding, current, settings.alpha, settings.permutations)
+    return compare("embedding_drift", test.p_value, ">=", settings.alpha, f"{settings.method} p-value: {test.detail}")
+
+
+def estimated_accuracy(traffic: Traffic, reference: Reference | None) -> Estimate | None:
+    """CBPE over the window's recorded logits, calibrated with the reference's temperature."""
+    current = vectors(traffic.served, "logits")
+    if reference is None or reference.temperature is None or not len(current):
+        return None
+    return estimate_accuracy(calibrated(current, reference.temperature))
 
 
 def labelled(traffic: Traffic) -> pd.DataFrame:
@@ -83,54 +138,53 @@ def labelled(traffic: Traffic) -> pd.DataFrame:
     return frame
 
 
-def performance_checks(traffic: Traffic, classes: list[str], config: MonitorSettings) -> list[Check]:
+def performance_checks(traffic: Traffic, reference: Reference | None, classes: list[str], config: MonitorSettings) -> list[Check]:
+    """Accuracy and macro precision/recall from feedback labels; estimated accuracy (CBPE)
+    from the calibrated confidences, before any label arrives."""
     rules = config.performance
     frame = labelled(traffic)
     if len(frame) < rules.min_labels:
         note = f"not enough labels: {len(frame)} < {rules.min_labels}"
-        return [skipped(name, note) for name in ("accuracy", "macro_precision", "macro_recall")]
-    scores = classification(frame["label"], frame["prediction"], classes, present_only=True)
-    note = f"{len(frame)} labelled requests"
-    return [
-        compare("accuracy", scores.accuracy, ">=", rules.min_accuracy, note),
-        compare("macro_precision", scores.macro_precision, ">=", rules.min_macro_precision, note),
-        compare("macro_recall", scores.macro_recall, ">=", rules.min_macro_recall, note),
-    ]
+        checks = [skipped(name, note) for name in ("accuracy", "macro_precision", "macro_recall")]
+    else:
+        scores = classification(frame["label"], frame["prediction"], classes, present_only=True)
+        note = f"{len(frame)} labelled requests"
+        checks = [
+            compare("accuracy", scores.accuracy, ">=", rules.min_accuracy, note),
+            compare("macro_precision", scores.macro_precision, ">=", rules.min_macro_precision, note),
+            compare("macro_recall", scores.macro_recall, ">=", rules.min_macro_recall, note),
+        ]
+    if not rules.estimate:
+        return checks
+    estimate = estimated_accuracy(traffic, reference)
+    if estimate is None:
+        checks.append(skipped("estimated_accuracy", "no calibration in the reference or no recorded softmax vectors"))
+    elif estimate.n < config.drift.min_requests:
+        checks.append(skipped("estimated_accuracy", f"{estimate.n} requests, minimum {config.drift.min_requests}"))
+    else:
+        checks.append(compare("estimated_accuracy", estimate.accuracy, ">=", rules.min_accuracy,
+                              f"CBPE, 95% interval {estimate.low:.3f}-{estimate.high:.3f} over {estimate.n} requests"
+                              f" (temperature {reference.temperature:.3g})"))
+    return checks
 
 
-def telemetry_checks(traffic: Traffic, metrics_text: str | None, config: MonitorSettings, max_p95_latency_ms: float) -> list[Check]:
-    """Request rate over the window; p95 latency (against the service level) and error rate
-    from the server's Prometheus counters."""
+def telemetry_checks(traffic: Traffic, config: MonitorSettings, max_p95_latency_ms: float) -> list[Check]:
+    """Request rate, p50/p95 latency (against the service level) and error rate over the window
+    itself, from the request records (the server's /metrics counters run since it started)."""
     rules = config.telemetry
     minutes = max((traffic.end - traffic.start).total_seconds() / 60.0, 1e-9)
     checks = [compare("request_rate_per_min", traffic.requests / minutes, ">=", rules.min_request_rate_per_min)]
-    if metrics_text is None:
-        note = "server /metrics not reachable"
-        return checks + [skipped("p95_latency_ms", note), skipped("error_rate", note)]
-    from prometheus_client.parser import text_string_to_metric_families
-
-    buckets: dict[float, float] = {}
-    total = errors = 0.0
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            endpoint = sample.labels.get("endpoint", "")
-            if not endpoint.startswith("/predict"):
-                continue
-            if sample.name == "mlops_request_latency_seconds_bucket":
-                le = float(sample.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + sample.value
-            elif sample.name == "mlops_requests_total":
-                total += sample.value
-                errors += sample.value if int(sample.labels["status"]) >= 400 else 0.0
-    count = buckets.get(float("inf"), 0.0)
-    if count == 0:
-        return checks + [skipped("p95_latency_ms", "no requests since the server started"), skipped("error_rate", "no requests")]
-    p95 = next(le for le, cumulative in sorted(buckets.items()) if cumulative >= 0.95 * count)
-    note = "since the server started (Prometheus histogram bucket bound)"
-    return checks + [
-        compare("p95_latency_ms", p95 * 1000.0, "<=", max_p95_latency_ms, note + " (slo)"),
-        compare("error_rate", errors / total if total else 0.0, "<=", rules.max_error_rate, "since the server started"),
-    ]
+    latency = traffic.served["latency_ms"].astype(float) if "latency_ms" in traffic.served else pd.Series(dtype=float)
+    if not len(latency):
+        checks.append(skipped("p95_latency_ms", "no answered requests in the window"))
+    else:
+        p50, p95 = np.percentile(latency, [50, 95])
+        checks.append(compare("p95_latency_ms", p95, "<=", max_p95_latency_ms,
+                              f"p50 {p50:.1f} ms; {len(latency)} answered requests (slo)"))
+    failed = len(traffic.failed) + len(traffic.rejected)
+    checks.append(compare("error_rate", failed / traffic.requests if traffic.requests else 0.0, "<=", rules.max_error_rate,
+                          f"{len(traffic.rejected)} rejected, {len(traffic.failed)} failed of {traffic.requests} requests"))
+    return checks
 
 
 def class_shares(predictions: pd.Series | list, classes: list[str]) -> dict[str, float]:

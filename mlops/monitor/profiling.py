@@ -16,10 +16,12 @@ import pandas as pd
 from PIL import Image
 
 from mlops.serve.features import FEATURES, image_features
-from mlops.serve.inference import OnnxClassifier, load_array
+from mlops.serve.inference import OnnxClassifier, load_array, softmax
 
 OUTPUTS = ("prediction", "confidence")
 PROFILE_FILE, VALUES_FILE = "profile.bin", "values.json"
+VECTORS_FILE, CALIBRATION_FILE = "outputs.npz", "calibration.json"
+MAX_EMBEDDINGS = 1000  # reference embeddings kept (a deterministic sample of the validation split)
 
 
 def whylogs():
@@ -36,15 +38,30 @@ def whylogs():
 
 @dataclass
 class Reference:
-    """A model version's reference: a whylogs profile and the raw values behind it (for plots)."""
+    """A model version's reference: a whylogs profile and the raw values behind it (for plots),
+    the validation split's logits and embedding projections, and the calibration temperature.
+
+    References built before embeddings have no vectors and no temperature: the monitor skips
+    the checks that need them and says so.
+    """
 
     profile: object  # whylogs DatasetProfileView
     values: dict[str, list]  # column -> values (features from train, outputs from val)
+    logits: np.ndarray | None = None  # (n_val, classes)
+    embedding: np.ndarray | None = None  # (<= MAX_EMBEDDINGS, dims): the model's `projection` output
+    temperature: float | None = None  # fitted on the validation split
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PROFILE_FILE).write_bytes(self.profile.serialize())
         (folder / VALUES_FILE).write_text(json.dumps(self.values))
+        if self.logits is not None:
+            vectors = {"logits": self.logits} | ({"embedding": self.embedding} if self.embedding is not None else {})
+            np.savez_compressed(folder / VECTORS_FILE, **vectors)
+        if self.temperature is not None:
+            (folder / CALIBRATION_FILE).write_text(json.dumps(
+                {"temperature": self.temperature, "method": "temperature scaling", "fitted_on": "val",
+                 "images": len(self.logits) if self.logits is not None else None}))
         return folder
 
     @classmethod
@@ -53,7 +70,14 @@ class Reference:
         from whylogs.core import DatasetProfileView
 
         view = DatasetProfileView.deserialize((folder / PROFILE_FILE).read_bytes())
-        return cls(view, json.loads((folder / VALUES_FILE).read_text()))
+        reference = cls(view, json.loads((folder / VALUES_FILE).read_text()))
+        if (folder / VECTORS_FILE).exists():
+            with np.load(folder / VECTORS_FILE) as vectors:
+                reference.logits = vectors["logits"]
+                reference.embedding = vectors["embedding"] if "embedding" in vectors else None
+        if (folder / CALIBRATION_FILE).exists():
+            reference.temperature = float(json.loads((folder / CALIBRATION_FILE).read_text())["temperature"])
+        return reference
 
 
 def feature_frame(paths: list[Path]) -> pd.DataFrame:
@@ -64,25 +88,41 @@ def feature_frame(paths: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(FEATURES))
 
 
-def output_frame(model: OnnxClassifier, paths: list[Path], batch_size: int = 64) -> pd.DataFrame:
-    classes, rows = model.spec.classes, []
+def model_outputs(model: OnnxClassifier, paths: list[Path], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, projections or None) of `paths`, as the server computes them."""
+    logits, projections = [], []
     for start in range(0, len(paths), batch_size):
         batch = np.stack([load_array(path, model.spec) for path in paths[start : start + batch_size]])
-        probabilities = model.predict(batch)
-        rows += [(classes[int(p.argmax())], float(p.max())) for p in probabilities]
-    return pd.DataFrame(rows, columns=list(OUTPUTS))
+        batch_logits, batch_projection = model.run(batch)
+        logits.append(batch_logits)
+        projections.append(batch_projection)
+    projection = np.concatenate(projections) if model.projects and projections else None
+    return np.concatenate(logits) if logits else np.zeros((0, len(model.spec.classes)), np.float32), projection
 
 
-def build_reference(model: OnnxClassifier, train: list[Path], val: list[Path]) -> Reference:
-    """Image features of the train split and the model's outputs on the validation split."""
+def output_frame(classes: tuple[str, ...], probabilities: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"prediction": [classes[int(i)] for i in probabilities.argmax(axis=1)],
+                         "confidence": probabilities.max(axis=1).astype(float)}, columns=list(OUTPUTS))
+
+
+def build_reference(model: OnnxClassifier, train: list[Path], val: list[tuple[Path, int]], seed: int = 0) -> Reference:
+    """Image features of the train split; the model's outputs and embeddings on the validation
+    split, and the temperature that calibrates them (fitted on the validation labels)."""
+    from mlops.monitor.estimate import fit_temperature
+
     why = whylogs()
-    features, outputs = feature_frame(train), output_frame(model, val)
+    logits, projection = model_outputs(model, [path for path, _ in val])
+    features, outputs = feature_frame(train), output_frame(model.spec.classes, softmax(logits))
     profile = why.log(features).profile()
     profile.track(outputs)
     values = {column: features[column].tolist() for column in features} | {
         column: outputs[column].tolist() for column in outputs
     }
-    return Reference(profile.view(), values)
+    if projection is not None and len(projection) > MAX_EMBEDDINGS:
+        keep = np.sort(np.random.default_rng(seed).choice(len(projection), MAX_EMBEDDINGS, replace=False))
+        projection = projection[keep]
+    temperature = fit_temperature(logits, np.asarray([label for _, label in val])) if len(val) else None
+    return Reference(profile.view(), values, logits.astype(np.float32), projection, temperature)
 
 
 def profile_frame(frame: pd.DataFrame):

@@ -15,7 +15,17 @@ import pandas as pd
 
 from mlops.checks import Report
 from mlops.config import MonitorSettings
-from mlops.monitor.checks import bias_checks, class_shares, drift_checks, integrity_checks, performance_checks, telemetry_checks
+from mlops.monitor.checks import (
+    bias_checks,
+    class_shares,
+    drift_checks,
+    estimated_accuracy,
+    integrity_checks,
+    labelled,
+    performance_checks,
+    telemetry_checks,
+    vectors,
+)
 from mlops.monitor.profiling import FeatureDrift, Reference
 from mlops.monitor.window import Traffic
 
@@ -61,7 +71,6 @@ def judge(
     traffic: Traffic,
     reference: Reference | None,
     classes: list[str],
-    metrics_text: str | None,
     settings: MonitorSettings,
     max_p95_latency_ms: float,
 ) -> MonitorReport:
@@ -70,12 +79,12 @@ def judge(
                            requests=traffic.requests, unreadable=traffic.unreadable)
     if traffic.requests == 0:
         return report
-    drift, report.feature_drift = drift_checks(traffic, reference, settings)
+    drift, report.feature_drift = drift_checks(traffic, reference, classes, settings)
     report.sections = {
         "integrity": integrity_checks(traffic, settings),
         "drift": drift,
-        "performance": performance_checks(traffic, classes, settings),
-        "telemetry": telemetry_checks(traffic, metrics_text, settings, max_p95_latency_ms),
+        "performance": performance_checks(traffic, reference, classes, settings),
+        "telemetry": telemetry_checks(traffic, settings, max_p95_latency_ms),
         "bias": bias_checks(traffic, reference, classes, settings),
     }
     return report
@@ -137,6 +146,55 @@ def window_figure(traffic: Traffic):
     return fig
 
 
+def embedding_figure(reference: np.ndarray, current: np.ndarray):
+    """The first two principal components (the projection's first two numbers): reference vs window."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(reference[:, 0], reference[:, 1], s=8, alpha=0.4, label=f"reference ({len(reference)})")
+    ax.scatter(current[:, 0], current[:, 1], s=8, alpha=0.4, label=f"window ({len(current)})")
+    ax.set_xlabel("principal component 1")
+    ax.set_ylabel("principal component 2")
+    ax.set_title("embeddings")
+    ax.legend()
+    return fig
+
+
+def accuracy_over_the_window(traffic: Traffic, temperature: float, chunks: int = 10) -> pd.DataFrame:
+    """Estimated accuracy (CBPE, with its 95% interval) and realised accuracy (where feedback
+    came back) per chunk of consecutive answered requests."""
+    from mlops.monitor.estimate import calibrated, estimate_accuracy
+
+    served = traffic.served[traffic.served["logits"].map(lambda v: isinstance(v, list))] if "logits" in traffic.served else traffic.served.iloc[:0]
+    served = served.sort_values("time").reset_index(drop=True)
+    truth = labelled(traffic).set_index("request_id")["label"] if traffic.labels else pd.Series(dtype=object)
+    rows = []
+    for chunk in np.array_split(np.arange(len(served)), min(chunks, len(served))):
+        part = served.iloc[chunk]
+        estimate = estimate_accuracy(calibrated(np.asarray(part["logits"].tolist(), dtype=np.float64), temperature))
+        known = part[part["request_id"].isin(truth.index)]
+        realised = float((known["prediction"] == truth[known["request_id"]].to_numpy()).mean()) if len(known) else np.nan
+        rows.append({"time": pd.to_datetime(part["time"].iloc[-1], utc=True, format="ISO8601"), "estimated": estimate.accuracy,
+                     "low": estimate.low, "high": estimate.high, "realised": realised, "labels": len(known)})
+    return pd.DataFrame(rows)
+
+
+def accuracy_figure(series: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    x = np.arange(len(series))
+    ax.fill_between(x, series["low"], series["high"], alpha=0.25, label="estimated, 95% interval")
+    ax.plot(x, series["estimated"], marker="o", markersize=3, label="estimated (CBPE)")
+    ax.plot(x, series["realised"], marker="s", markersize=3, label="realised (feedback)")
+    ax.set_xticks(x, [f"{t:%H:%M}" for t in series["time"]], fontsize=7)
+    ax.set_xlabel("chunk of requests, ending at (UTC)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("estimated vs realised accuracy")
+    ax.legend(fontsize=7)
+    return fig
+
+
 def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | None, classes: list[str]) -> str:
     """A self-contained page: the checks, reference-vs-current plots of drifted features and
     of predicted-class shares, and requests, latency and confidence over the window."""
@@ -164,6 +222,13 @@ def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | 
         ax.set_title("predicted-class shares")
         ax.legend()
         images.append(("predicted-class shares", _png(fig)))
+        current = vectors(traffic.served, "embedding")
+        if reference.embedding is not None and len(current) and current.shape[1] == reference.embedding.shape[1]:
+            images.append(("embeddings: reference vs window (first two principal components)",
+                           _png(embedding_figure(reference.embedding, current))))
+        if estimated_accuracy(traffic, reference) is not None:
+            images.append(("estimated vs realised accuracy over the window",
+                           _png(accuracy_figure(accuracy_over_the_window(traffic, reference.temperature)))))
     if len(traffic.served):
         images.append(("over the window", _png(window_figure(traffic))))
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pandas as pd
 
 from mlops.serve.records import read_window
@@ -32,14 +30,15 @@ class Traffic:
     start: datetime
     end: datetime
     version: str
-    served: pd.DataFrame  # answered requests: features, prediction, confidence, latency_ms, time
+    served: pd.DataFrame  # answered requests: features, prediction, confidence, probabilities, embedding, latency_ms, time
     rejected: pd.DataFrame  # rejected requests: error kind, content type
     labels: dict[str, str]  # request id -> true label (feedback)
     unreadable: list[str]
+    failed: pd.DataFrame = field(default_factory=pd.DataFrame)  # requests whose model call failed (a 500)
 
     @property
     def requests(self) -> int:
-        return len(self.served) + len(self.rejected)
+        return len(self.served) + len(self.rejected) + len(self.failed)
 
 
 def load_traffic(records_dir: Path, version: str, start: datetime, end: datetime) -> Traffic:
@@ -49,14 +48,7 @@ def load_traffic(records_dir: Path, version: str, start: datetime, end: datetime
     if frame.empty:
         frame = pd.DataFrame(columns=["status", "request_id", "time"])
     served = frame[frame["status"] == "ok"].reset_index(drop=True)
-    rejected = frame[frame["status"] != "ok"].reset_index(drop=True)
+    rejected = frame[frame["status"] == "rejected"].reset_index(drop=True)
+    failed = frame[frame["status"] == "error"].reset_index(drop=True)
     labels = {r["request_id"]: r["label"] for r in feedback.records if "request_id" in r and "label" in r}
-    return Traffic(start, end, version, served, rejected, labels, requests.unreadable + feedback.unreadable)
-
-
-def scrape(url: str, verify: ssl.SSLContext | bool = True) -> str | None:
-    try:
-        answer = httpx.get(url, timeout=5, verify=verify)
-        return answer.text if answer.status_code == 200 else None
-    except httpx.TransportError:
-        return None
+    return Traffic(start, end, version, served, rejected, labels, requests.unreadable + feedback.unreadable, failed)

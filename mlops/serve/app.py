@@ -45,7 +45,7 @@ from mlops.serve.batching import MicroBatcher
 from mlops.serve.capture import CaptureMetrics, CaptureWriter
 from mlops.serve.decoding import BadInput, ByteBudget, configure_allocator, decode
 from mlops.serve.features import THUMBNAIL, image_features
-from mlops.serve.inference import OnnxClassifier, image_to_array
+from mlops.serve.inference import OnnxClassifier, image_to_array, softmax
 from mlops.serve.records import RecordWriter
 
 log = logging.getLogger(__name__)
@@ -409,13 +409,22 @@ def create_app(
             record(request_id, endpoint, content_type, len(data), status="rejected", error=bad.kind)
             bad.request_id = request_id
             raise
-        probabilities = await batcher.predict(array)
+        try:
+            logits, projection = await batcher.predict(array)
+        except Exception:
+            record(request_id, endpoint, content_type, len(data), status="error", error="inference",
+                   latency_ms=(time.perf_counter() - start) * 1000.0)
+            raise
+        probabilities = softmax(logits[None])[0]
         best = int(np.argmax(probabilities))
         latency_ms = (time.perf_counter() - start) * 1000.0
         metrics.predictions.labels(classes[best]).inc()
+        vectors = {"logits": [round(float(v), 4) for v in logits]}  # for output drift and estimated accuracy
+        if projection is not None:
+            vectors["embedding"] = [round(float(v), 4) for v in projection]  # for embedding drift
         record(
             request_id, endpoint, content_type, len(data), status="ok", error=None,
-            prediction=classes[best], confidence=float(probabilities[best]), latency_ms=latency_ms, **features,
+            prediction=classes[best], confidence=float(probabilities[best]), latency_ms=latency_ms, **features, **vectors,
         )
         if capture:  # only queued here: written by its own thread
             capture.offer(

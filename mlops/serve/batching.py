@@ -35,7 +35,8 @@ class MicroBatcher:
         if self.executor:
             self.executor.shutdown(wait=False)
 
-    async def predict(self, array: np.ndarray) -> np.ndarray:
+    async def predict(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, embedding projection or None) of one image."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((array, future))
         return await future
@@ -63,7 +64,7 @@ class MicroBatcher:
             items = await self._collect()
             batch = np.stack([array for array, _ in items])
             try:
-                probabilities = await loop.run_in_executor(self.executor, self.model.predict, batch)
+                logits, projection = await loop.run_in_executor(self.executor, self.model.run, batch)
             except Exception as error:  # noqa: BLE001 - every waiting request gets the error
                 for _, future in items:
                     if not future.done():
@@ -71,6 +72,6 @@ class MicroBatcher:
                 continue
             if self.on_batch:
                 self.on_batch(len(items))
-            for (_, future), row in zip(items, probabilities):
+            for index, (_, future) in enumerate(items):
                 if not future.done():
-                    future.set_result(row)
+                    future.set_result((logits[index], None if projection is None else projection[index]))

@@ -81,9 +81,19 @@ class OnnxClassifier:
             raise ValueError(f"{path}: ONNX model has no '{SPEC_KEY}' metadata")
         self.spec = ModelSpec.from_json(metadata[SPEC_KEY])
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [output.name for output in self.session.get_outputs()]
+        self.logits_name = outputs[0]
+        # models exported before embeddings have one output: no projection to record
+        self.projects = "projection" in outputs
+        self.names = [self.logits_name] + (["projection"] if self.projects else [])
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+        return self.session.run([self.logits_name], {self.input_name: batch})[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, projection of the embedding or None) from one forward pass."""
+        outputs = self.session.run(self.names, {self.input_name: batch})
+        return outputs[0], outputs[1] if self.projects else None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (n, classes)."""

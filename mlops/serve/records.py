@@ -52,7 +52,7 @@ class RequestRecord(BaseModel):
     model: str
     model_version: str
     endpoint: str
-    status: Literal["ok", "rejected"]
+    status: Literal["ok", "rejected", "error"]  # error: the model call failed (the client got a 500)
     content_type: str = ""
     bytes: Annotated[int, Field(strict=True, ge=0)] = 0
     error: str | None = None
@@ -66,6 +66,8 @@ class RequestRecord(BaseModel):
     contrast: Number | None = None
     saturation: Number | None = None
     sharpness: Number | None = None
+    logits: list[Number] | None = None  # the model's logits, in its class order (softmax: the probabilities)
+    embedding: list[Number] | None = None  # the model's `projection` output (models exported with one)
 
     @model_validator(mode="after")
     def _answer_or_error(self) -> RequestRecord:
@@ -74,7 +76,7 @@ class RequestRecord(BaseModel):
             if missing:
                 raise ValueError(f"an ok record needs {', '.join(missing)}")
         elif self.error is None:
-            raise ValueError("a rejected record needs its error")
+            raise ValueError(f"a {self.status} record needs its error")
         return self
 
 
