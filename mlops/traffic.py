@@ -4,7 +4,7 @@
         --images workspace/dvc/datasets/digits/test --requests 500 --drift brightness --feedback-share 0.3
 
 For demos and tests of monitoring: the images (one sub-folder per class) go to `POST /predict`
-as raw PNG bodies, corrupted to simulate input drift (`brightness`, `noise`, `blur`) or drawn
+as raw PNG bodies, corrupted to simulate input drift (`brightness`, `noise`, `blur`, `jpeg`, `rotation`) or drawn
 with a shifted class mix (`class_mix`); a share of the answered requests then gets its true
 label through `POST /feedback`. The same seed sends the same images with the same corruption.
 """
@@ -31,7 +31,7 @@ from mlops.clients import auth_headers, in_threads, predict
 from mlops.config import secret
 from mlops.data.layout import IMAGE_SUFFIXES, scan_classes
 
-DRIFTS = ("none", "brightness", "noise", "blur", "class_mix")
+DRIFTS = ("none", "brightness", "noise", "blur", "jpeg", "rotation", "class_mix")
 CLASS_MIX_SHARE = 0.8  # share of the requests drawn from the target class under `class_mix`
 
 T = TypeVar("T")
@@ -45,7 +45,9 @@ def corrupt(image: Image.Image, drift: str, strength: float, rng: np.random.Gene
 
     brightness lifts every pixel by up to 160 of 255 levels, noise adds gaussian noise (sigma up
     to 64 levels), blur applies a Gaussian blur (radius up to 2 px of a 64 px thumbnail, the
-    scale monitoring measures features at); none and class_mix return the image unchanged.
+    scale monitoring measures features at), jpeg re-encodes at a quality from 95 down to 5,
+    rotation turns by up to 45 degrees (the corners filled black); none and class_mix return
+    the image unchanged.
     """
     if drift not in DRIFTS:
         raise ValueError(f"unknown drift '{drift}': use one of {', '.join(DRIFTS)}")
@@ -57,6 +59,13 @@ def corrupt(image: Image.Image, drift: str, strength: float, rng: np.random.Gene
     if drift == "blur":
         radius = 2.0 * strength * max(1.0, max(base.size) / 64.0)
         return base.filter(ImageFilter.GaussianBlur(radius))
+    if drift == "jpeg":
+        buffer = io.BytesIO()
+        base.save(buffer, "JPEG", quality=round(95 - 90 * strength))
+        with Image.open(buffer) as decoded:
+            return decoded.convert(base.mode)
+    if drift == "rotation":
+        return base.rotate(45.0 * strength, resample=Image.BILINEAR, fillcolor=0)
     pixels = np.asarray(base, dtype=np.float32)
     if drift == "brightness":
         pixels = pixels + 160.0 * strength

@@ -36,9 +36,16 @@ class DataConfig(Section):
     val_fraction: float = Field(gt=0.0, lt=0.5)
     test_fraction: float = Field(gt=0.0, lt=0.5)
     max_per_class: int | None = Field(default=None, ge=3)  # caps the source, never production images
+    classes: list[str] | None = Field(default=None, min_length=2)  # these class folders only (null: all)
     validation: ValidationPolicy
     production: str | None = Field(default=None, pattern=WINDOW)  # labelled production images to add
     holdout: HoldoutConfig
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_names(cls, value):
+        # digit folders are named 0..9: data.classes=[0,1,2] from the command line means those names
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value] if isinstance(value, list) else value
 
     @field_validator("std")
     @classmethod

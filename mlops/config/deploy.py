@@ -67,7 +67,7 @@ class DeployConfig(CommonConfig):
 class TrafficSettings(Section):
     """What `python -m flows.traffic` replays against an environment's live server."""
 
-    drift: Literal["none", "brightness", "noise", "blur", "class_mix"]
+    drift: Literal["none", "brightness", "noise", "blur", "jpeg", "rotation", "class_mix"]
     strength: float = Field(ge=0.0, le=1.0)
     requests: int | None = Field(ge=1)  # None: each test image once
     feedback: float = Field(ge=0.0, le=1.0)  # share of answered requests labelled through /feedback

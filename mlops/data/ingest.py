@@ -94,6 +94,16 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     return found
 
 
+def chosen_classes(found: dict[str, list[Path]], classes: list[str] | None, root: Path) -> dict[str, list[Path]]:
+    """The class folders `data.classes` names (all when None); a name without a folder is an error."""
+    if classes is None:
+        return found
+    missing = [name for name in classes if name not in found]
+    if missing:
+        raise DataError(f"data.classes in {root}", [f"no class folder '{name}'; found {sorted(found)}" for name in missing])
+    return {name: found[name] for name in classes}
+
+
 # -- validation ----------------------------------------------------------------------------
 
 
@@ -186,7 +196,7 @@ def split_class(
 def prepare_dataset(data: DataConfig, seed: int, workspace: Path, dest: Path) -> Prepared:
     """Ingest `data` into `dest` (replaced). Raises DataError listing every problem found."""
     root = source_root(data, workspace)
-    good, rejected = validate_images(root, scan_class_folders(root), data.validation)
+    good, rejected = validate_images(root, chosen_classes(scan_class_folders(root), data.classes, root), data.validation)
     if rejected and data.validation.policy == "fail":
         raise DataError(
             f"{len(rejected)} invalid images in {root} (data.validation.policy=fail)",
