@@ -3,8 +3,8 @@
     python bench/detection.py [--workspace DIR] [--windows 20] [--sizes 50,100,200,500] [--strength 0.5]
 
 1. Builds (the real build flow) a model on the embedded digits with one class held out
-   (`data.classes` = 0..8), all images, 10 epochs, and a test split of 30% (the pool windows
-   are drawn from).
+   (`data.classes` = 0..8), all images, 10 epochs, and a test split of 35% (the pool windows
+   are drawn from: 566 images).
 2. Computes, for every pool image and every shift, what the server records for a request: the
    image statistics, the prediction, the logits and the embedding projection (the same
    functions the server calls).
@@ -19,7 +19,10 @@
 
 Shifts (strength `--strength`, `mlops.traffic.corrupt`): none, blur, noise, brightness, jpeg,
 rotation; prior (one class 5x more frequent); unseen (half the window from the held-out class).
-Windows larger than the pool draw with replacement. Everything runs in this process; no server.
+Windows draw without replacement while the pool (or the class) has enough images; past that,
+images repeat, and the table's "repeated" column gives the share of repeated requests (repeats
+make every two-sample test more eager, so read those cells with care). Everything runs in this
+process; no server.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def build_model(workspace: Path) -> tuple[OnnxClassifier, Reference, Path, list]
     from flows.build import build
 
     kept = ",".join(str(k) for k in range(10) if str(k) != HELD_OUT)
-    overrides = [f"paths.workspace={workspace}", f"data.classes=[{kept}]", "data.test_fraction=0.3",
+    overrides = [f"paths.workspace={workspace}", f"data.classes=[{kept}]", "data.test_fraction=0.35",
                  "data.max_per_class=null", "train.max_epochs=10", "train.batch_size=64", "train.progress_bar=false"]
     result = build("test", overrides)
     config = load_config("build", "test", overrides)
@@ -113,17 +116,24 @@ def records(model: OnnxClassifier, paths: list[Path], shift: str, strength: floa
     return frame
 
 
+def draw(pool: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
+    """n rows, without replacement while the pool has enough (repeats only past its size)."""
+    return pool.sample(n, replace=n > len(pool), random_state=rng)
+
+
 def window(pools: dict[str, pd.DataFrame], unseen: pd.DataFrame, shift: str, n: int, rng: np.random.Generator) -> Traffic:
     pool = pools[shift if shift in PIXEL_SHIFTS else "none"]
-    if shift == "prior":
-        weights = np.where(pool["label"] == PRIOR_CLASS, PRIOR_WEIGHT, 1.0)
-        served = pool.sample(n, replace=True, weights=weights / weights.sum(), random_state=rng)
-    elif shift == "unseen":
-        k = round(n * UNSEEN_SHARE)
-        served = pd.concat([unseen.sample(k, replace=k > len(unseen), random_state=rng),
-                            pool.sample(n - k, replace=n - k > len(pool), random_state=rng)])
+    if shift in ("prior", "unseen"):
+        if shift == "prior":  # PRIOR_CLASS PRIOR_WEIGHT times as frequent as each other class
+            chosen = pool["label"] == PRIOR_CLASS
+            share = PRIOR_WEIGHT / (PRIOR_WEIGHT + pool.loc[~chosen, "label"].nunique())
+            special, rest = pool[chosen], pool[~chosen]
+        else:
+            share, special, rest = UNSEEN_SHARE, unseen, pool
+        k = round(n * share)
+        served = pd.concat([draw(special, k, rng), draw(rest, n - k, rng)])
     else:
-        served = pool.sample(n, replace=n > len(pool), random_state=rng)
+        served = draw(pool, n, rng)
     served = served.reset_index(drop=True).assign(
         request_id=[uuid.uuid4().hex for _ in range(n)], status="ok", latency_ms=3.0,
         time=[(NOW - timedelta(seconds=n - i)).isoformat() for i in range(n)],
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for shift in SHIFTS:
         for n in sizes:
             flags = {d: 0 for d in (*detectors, "any", "other embedding")}
-            estimated, realised = [], []
+            estimated, realised, repeated = [], [], []
             for _ in range(args.windows):
                 traffic = window(pools, unseen, shift, n, rng)
                 t = time.perf_counter()
@@ -186,14 +196,16 @@ def main(argv: list[str] | None = None) -> int:
                     flags[name] += value
                 estimated.append(performance["estimated_accuracy"].value)
                 realised.append(float((traffic.served["prediction"] == traffic.served["label"]).mean()))
-            rows.append([shift, n, *[f"{flags[d] / args.windows:.0%}" for d in (*detectors, "any", "other embedding")]])
+                repeated.append(float(traffic.served["embedding"].map(tuple).duplicated().mean()))
+            rows.append([shift, n, f"{np.mean(repeated):.0%}",
+                         *[f"{flags[d] / args.windows:.0%}" for d in (*detectors, "any", "other embedding")]])
             accuracy_rows.append([shift, n, f"{np.mean(realised):.3f}", f"{np.mean(estimated):.3f}",
                                   f"{np.mean(np.abs(np.subtract(estimated, realised))):.3f}"])
             print(f"  {shift} n={n}: any {flags['any'] / args.windows:.0%}", file=sys.stderr)
 
     method, alt = settings.drift.embedding.method, other.embedding.method
     print(f"### Share of windows flagged ({args.windows} windows per cell, strength {args.strength})\n")
-    print_table(["shift", "n", *detectors[:2], f"embeddings ({method})", detectors[3], "any (the monitor)",
+    print_table(["shift", "n", "repeated", *detectors[:2], f"embeddings ({method})", detectors[3], "any (the monitor)",
                  f"embeddings ({alt}, not in any)"], rows)
     print("\n### Estimated (CBPE) against realised accuracy, mean over the windows\n")
     print_table(["shift", "n", "realised accuracy", "estimated accuracy", "mean |error|"], accuracy_rows)

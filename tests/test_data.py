@@ -131,6 +131,17 @@ def test_max_per_class_caps_deterministically(image_folder, tmp_path):
     assert all(sum(c[name] for c in prepared.counts.values()) == 5 for name in ("cat", "dog"))
 
 
+def test_data_classes_keeps_only_the_named_folders(image_folder, tmp_path):
+    for index in range(12):
+        write_image(image_folder / "fox" / f"{index:02d}.jpg", seed=200 + index)
+    prepared = prepare_dataset(data_config(image_folder, classes=["fox", "cat"]), 7, tmp_path / "ws", tmp_path / "out")
+    assert prepared.classes == ["cat", "fox"] and "dog" not in prepared.counts["train"]
+    with pytest.raises(DataError) as caught:
+        prepare_dataset(data_config(image_folder, classes=["cat", "cow"]), 7, tmp_path / "ws", tmp_path / "out2")
+    assert caught.value.problems == ["no class folder 'cow'; found ['cat', 'dog', 'fox']"]
+    assert data_config(image_folder, classes=[0, 1]).classes == ["0", "1"]  # digit folders from the command line
+
+
 def test_digits_ship_with_scikit_learn_as_png_class_folders(tmp_path):
     root = materialize_digits(tmp_path / "digits")
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [str(d) for d in range(10)]

@@ -89,7 +89,11 @@ def test_replay_without_drift_is_healthy_and_silent(workspace):
     assert receiver.received == [] and result.alerts_sent == [] and result.retrain.decision == "none"
     sections = checks_json(result)["sections"]
     assert sections["drift"][0]["name"] == "drifted_share" and sections["drift"][0]["verdict"] == "pass"
-    assert {c["note"] for c in sections["performance"]} == {"not enough labels: 0 < 20"}
+    assert {c["note"] for c in sections["performance"] if c["name"] != "estimated_accuracy"} == {"not enough labels: 0 < 20"}
+    estimated = next(c for c in sections["performance"] if c["name"] == "estimated_accuracy")
+    assert estimated["verdict"] == "pass" and "CBPE, 95% interval" in estimated["note"]  # before any label
+    assert {c["name"]: c["verdict"] for c in sections["drift"]} == {
+        "drifted_share": "pass", "prediction_drift": "pass", "output_drift": "pass", "embedding_drift": "pass"}
     assert {c["name"] for c in sections["telemetry"]} == {"request_rate_per_min", "p95_latency_ms", "error_rate"}
 
 
@@ -207,3 +211,31 @@ def test_a_retrain_started_through_a_deployment_lands_in_the_monitors_registry(w
     newest = max(versions, key=lambda v: int(v.version))
     assert client.get_run(newest.tags["build_run_id"]).data.tags["mlops.trigger"].startswith("monitor/")
     assert not (elsewhere / "mlflow.db").exists() and not (elsewhere / "dvc").exists()  # nothing in the worker's
+
+
+def test_an_unseen_class_is_seen_by_the_embedding_test_while_pixel_statistics_stay_quiet(tmp_path):
+    from flows.build import build
+
+    workspace = tmp_path / "ws"
+    state = build(env="test", overrides=[f"paths.workspace={workspace}", "data.classes=[0,1,2,3,4,5,6,7,8]",
+                                         "train.progress_bar=false"], return_state=True)
+    assert state.is_completed(), state.message
+    overrides = scenario(workspace, "unseen")
+    url = serve(workspace, overrides)
+    try:
+        seen = traffic.load_images(dataset_dir(workspace / "dvc", "digits") / "test")  # digits 0-8
+        unseen = [(path, "9") for path in sorted((workspace / "sources" / "digits" / "9").glob("*.png"))[: len(seen)]]
+        result = traffic.replay(url, seen + unseen, requests=2 * len(seen), seed=3)
+        assert result.ok == result.sent
+        time.sleep(1.5)
+        monitored = run_monitor(overrides)
+    finally:
+        for live in workspace.glob("deploy/*/live.json"):
+            processes.stop_server(json.loads(live.read_text())["pid"])
+    drift = {c["name"]: c for c in checks_json(monitored)["sections"]["drift"]}
+    assert drift["embedding_drift"]["verdict"] == "FAIL", drift["embedding_drift"]
+    assert drift["embedding_drift"]["value"] < 0.01 and "mmd p-value" in drift["embedding_drift"]["note"]
+    assert drift["drifted_share"]["verdict"] == "pass", drift["drifted_share"]  # the pixels look like digits
+    assert "drift.embedding_drift" in monitored.breaches
+    page = Path(monitored.report.removeprefix("file://")).read_text()
+    assert "embeddings: reference vs window" in page and "estimated vs realised accuracy" in page
