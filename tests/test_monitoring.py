@@ -200,3 +200,42 @@ def test_wrong_record_lines_are_skipped_and_counted_in_the_report(tmp_path, conf
     assert checks["accuracy"].note == "40 labelled requests" and checks["width_range"].passed
     assert "3 unreadable record lines or files skipped" in judged.to_markdown()
     assert "unreadable records: 3 skipped" in html_report(judged, window, reference_of(good), CLASSES)
+
+
+def with_vectors(window: Traffic, rng: np.random.Generator, shift: float = 0.0) -> Traffic:
+    """`window` with the logits and embedding projection the server records."""
+    n = len(window.served)
+    logits = rng.normal(0, 2, size=(n, 2))
+    embedding = rng.normal(0, 1, size=(n, 6))
+    embedding[:, 0] += shift
+    window.served["logits"] = [list(row) for row in logits.round(4)]
+    window.served["embedding"] = [list(row) for row in embedding.round(4)]
+    return window
+
+
+def test_output_and_embedding_drift_and_the_estimate_on_recorded_vectors(config):
+    rng = np.random.default_rng(7)
+    reference = reference_of(traffic(300, seed=1))
+    reference.logits = rng.normal(0, 2, size=(300, 2)).astype(np.float32)
+    reference.embedding = rng.normal(0, 1, size=(300, 6)).astype(np.float32)
+    reference.temperature = 1.5
+    same = {c.name: c for c in monitoring.drift_checks(with_vectors(traffic(200, seed=2), rng), reference, CLASSES, config)[0]}
+    assert same["output_drift"].passed and same["embedding_drift"].passed
+    assert "BBSD p-value" in same["output_drift"].note and "mmd p-value" in same["embedding_drift"].note
+
+    moved = {c.name: c for c in monitoring.drift_checks(with_vectors(traffic(200, seed=2), rng, shift=1.0), reference, CLASSES, config)[0]}
+    assert moved["embedding_drift"].passed is False and moved["embedding_drift"].value < 0.01
+    assert moved["drifted_share"].passed  # the image statistics did not move
+
+    # the same requests sent twice are one sample, not drift
+    twice = with_vectors(traffic(100, seed=3), rng)
+    twice.served = pd.concat([twice.served, twice.served], ignore_index=True)
+    checks = {c.name: c for c in monitoring.drift_checks(twice, reference, CLASSES, config)[0]}
+    assert checks["embedding_drift"].passed and checks["embedding_drift"].note.endswith("; 100 repeated requests counted once")
+
+    window = with_vectors(traffic(100, seed=4), rng)
+    (estimate,) = [c for c in monitoring.performance_checks(window, reference, CLASSES, config) if c.name == "estimated_accuracy"]
+    from mlops.monitor.estimate import calibrated
+
+    expected = calibrated(np.asarray(window.served["logits"].tolist()), 1.5).max(axis=1).mean()
+    assert estimate.value == pytest.approx(expected, abs=1e-6) and "temperature 1.5" in estimate.note

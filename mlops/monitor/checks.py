@@ -64,6 +64,17 @@ def vectors(served: pd.DataFrame, column: str) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64) if rows else np.zeros((0, 0))
 
 
+def distinct(rows: np.ndarray) -> tuple[np.ndarray, str]:
+    """`rows` with repeats counted once, and a note saying how many were dropped.
+
+    A two-sample test assumes independent draws; the same image sent again (a retry, a client
+    replaying a folder) is not a new draw, and repeats alone would make the tests flag drift.
+    """
+    unique = np.unique(rows, axis=0) if len(rows) else rows
+    repeats = len(rows) - len(unique)
+    return unique, f"; {repeats} repeated requests counted once" if repeats else ""
+
+
 def drift_checks(traffic: Traffic, reference: Reference | None, classes: list[str],
                  config: MonitorSettings) -> tuple[list[Check], list[FeatureDrift]]:
     """Image statistics (whylogs), the predicted class (chi-square), the softmax vector (BBSD)
@@ -100,24 +111,24 @@ def drift_checks(traffic: Traffic, reference: Reference | None, classes: list[st
 
 
 def output_drift(traffic: Traffic, reference: Reference, classes: list[str], rules) -> Check:
-    current = vectors(traffic.served, "logits")
+    current, repeats = distinct(vectors(traffic.served, "logits"))
     if reference.logits is None:
         return skipped("output_drift", "the reference has no softmax outputs (built before they were kept)")
     if len(current) < rules.min_requests or current.shape[1] != len(classes):
-        return skipped("output_drift", f"{len(current)} requests recorded their logits, minimum {rules.min_requests}")
+        return skipped("output_drift", f"{len(current)} distinct requests recorded their logits, minimum {rules.min_requests}")
     test = bbsd_test(softmax(reference.logits.astype(np.float64)), softmax(current), classes, rules.outputs.alpha)
-    return compare("output_drift", test.p_value, ">=", rules.outputs.alpha, f"BBSD p-value: {test.detail}")
+    return compare("output_drift", test.p_value, ">=", rules.outputs.alpha, f"BBSD p-value: {test.detail}{repeats}")
 
 
 def embedding_drift(traffic: Traffic, reference: Reference, rules) -> Check:
-    current = vectors(traffic.served, "embedding")
+    current, repeats = distinct(vectors(traffic.served, "embedding"))
     if reference.embedding is None:
         return skipped("embedding_drift", "the version has no reference embeddings (exported before embeddings)")
     if len(current) < rules.min_requests:
-        return skipped("embedding_drift", f"{len(current)} requests recorded an embedding, minimum {rules.min_requests}")
+        return skipped("embedding_drift", f"{len(current)} distinct requests recorded an embedding, minimum {rules.min_requests}")
     settings = rules.embedding
     test = embedding_test(settings.method, reference.embedding, current, settings.alpha, settings.permutations)
-    return compare("embedding_drift", test.p_value, ">=", settings.alpha, f"{settings.method} p-value: {test.detail}")
+    return compare("embedding_drift", test.p_value, ">=", settings.alpha, f"{settings.method} p-value: {test.detail}{repeats}")
 
 
 def estimated_accuracy(traffic: Traffic, reference: Reference | None) -> Estimate | None:
