@@ -53,7 +53,7 @@ def corrupt(image: Image.Image, drift: str, strength: float, rng: np.random.Gene
         raise ValueError(f"unknown drift '{drift}': use one of {', '.join(DRIFTS)}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength {strength} is outside [0, 1]")
-    if drift in ("none", "class_mix"):
+    if drift in ("none", "class_mix") or strength == 0.0:
         return image
     base = image.convert("L" if image.mode in ("1", "L") else "RGB")
     if drift == "blur":

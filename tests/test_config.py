@@ -54,7 +54,7 @@ def test_each_flow_validates_only_its_own_sections(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("traffic.drift=blurr", "traffic.drift: Input should be 'none', 'brightness', 'noise', 'blur' or 'class_mix' (got 'blurr')"),
+    ("traffic.drift=blurr", "traffic.drift: Input should be 'none', 'brightness', 'noise', 'blur', 'jpeg', 'rotation' or 'class_mix' (got 'blurr')"),
     ("traffic.drif=blur", "traffic.drif: not a key of the traffic config; did you mean `traffic.drift`?"),
     ("traffic.requests=0", "traffic.requests: Input should be greater than or equal to 1 (got 0)"),
     ("traffic.feedback=2", "traffic.feedback: Input should be less than or equal to 1"),
