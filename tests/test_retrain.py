@@ -108,3 +108,12 @@ def test_store_overrides_are_what_hydra_composes_back():
     stores = {"paths.workspace": "/srv/a,b", "mlflow.tracking_uri": "sqlite:////srv/a,b/it's.db", "captures.url": "s3://c/x y"}
     config = load_config("build", "test", store_overrides(stores)[0])
     assert (str(config.paths.workspace), config.mlflow.tracking_uri, config.captures.url) == tuple(stores.values())
+
+
+def test_an_estimated_accuracy_breach_retrains_before_any_label_or_waits_for_production_labels():
+    on_source = retrain_policy(["performance.estimated_accuracy"], SECTIONS, "auto", timedelta(hours=6), None, NOW, True,
+                               labelled=None, min_labelled=20)  # monitor.retrain.production: null
+    assert on_source.kind is RetrainKind.DEPLOYMENT and on_source.reasons == ("performance.estimated_accuracy",)
+    on_production = retrain_policy(["performance.estimated_accuracy"], SECTIONS, "auto", timedelta(hours=6), None, NOW,
+                                   True, labelled=0, min_labelled=20)
+    assert on_production.kind is RetrainKind.WAITING_FOR_LABELS and "0 labelled production image(s)" in on_production.note

@@ -187,7 +187,7 @@ def accuracy_figure(series: pd.DataFrame):
     ax.fill_between(x, series["low"], series["high"], alpha=0.25, label="estimated, 95% interval")
     ax.plot(x, series["estimated"], marker="o", markersize=3, label="estimated (CBPE)")
     ax.plot(x, series["realised"], marker="s", markersize=3, label="realised (feedback)")
-    ax.set_xticks(x, [f"{t:%H:%M}" for t in series["time"]], fontsize=7)
+    ax.set_xticks(x, [f"{t:%H:%M:%S}" for t in series["time"]], fontsize=7)
     ax.set_xlabel("chunk of requests, ending at (UTC)")
     ax.set_ylim(0, 1.02)
     ax.set_title("estimated vs realised accuracy")
