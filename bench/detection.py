@@ -143,7 +143,7 @@ def window(pools: dict[str, pd.DataFrame], unseen: pd.DataFrame, shift: str, n: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workspace", type=Path, default=Path("workspace-bench-detection"))
+    parser.add_argument("--workspace", type=Path, default=Path("workspace/bench-detection"))  # reused by a re-run
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--sizes", default="50,100,200,500")
     parser.add_argument("--strength", type=float, default=0.5)
