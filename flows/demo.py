@@ -90,6 +90,12 @@ def production_variables(workspace: Path) -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in defaults.items()} | {"MLOPS_API_TOKEN": token}
 
 
+def approve(production: list[str]) -> None:
+    """What a reviewer does before each release (production's `deploy.approval: manual`)."""
+    deploy(env="production", overrides=[*production, "action=approve", "reviewer=demo",
+                                        "comment=the demo approves what passed the test environment"])
+
+
 @flow(name="demo", log_prints=True)
 def demo(
     workspace: str = "demo-workspace",
@@ -115,6 +121,7 @@ def demo(
         first = build(env="test", overrides=[*overrides_for("build", common), "train.progress_bar=false"])
         summary["build"] = f"version {first.version} (data {first.data_version})"
         summary["deploy test"] = f"version {deploy(env='test', overrides=test).version} approved"
+        approve(production)
         released = deploy(env="production", overrides=production)
         summary["release"] = f"version {released.version} live on {released.url}"
 
@@ -148,6 +155,7 @@ def demo(
                 f"version {again.result().version} approved" if again.is_completed() else f"failed: {again.message}"
             )
             if again.is_completed():
+                approve(production)
                 released_again = deploy(env="production", overrides=production)
                 summary["retrained release"] = f"version {released_again.version} live on {released_again.url}"
                 recovery = Recovery(released.version, released_again.version, before["clean"], before["brightness"],

@@ -98,6 +98,8 @@ def publish(config: MonitorConfig, registry: Registry, judged: report.MonitorRep
         registry.log_text(run_id, page, "report/monitor.html")
         registry.log_text(run_id, to_json(judged.to_dict()), "report/checks.json")
         metrics = {f"{s}.{c.name}": float(c.value) for s, checks in judged.sections.items() for c in checks if c.value is not None}
+        if judged.shadow and judged.shadow["agreement"] is not None:
+            metrics["shadow.agreement"] = judged.shadow["agreement"]
         registry.log(run_id, metrics={"requests": judged.requests, **metrics})
         location = f"{registry.artifact_uri(run_id)}/report/monitor.html"
     if config.monitor.alerts.report_base_url:

@@ -263,6 +263,11 @@ class Registry:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.model, version, key, str(value))
 
+    def add_to_card(self, version: str, section: str) -> None:
+        """Append `section` to the version's model card (its description): what came before stays."""
+        card = self.client.get_model_version(self.model, version).description or ""
+        self.client.update_model_version(self.model, version, description=card.rstrip("\n") + "\n" + section)
+
     def register(self, source_run_id: str, tags: dict[str, object], description: str) -> tuple[VersionRef, bool]:
         """Register the model of `source_run_id` (or reuse its existing version); returns (version, created).
 

@@ -53,7 +53,10 @@ def run_build(stack, *overrides: str):
 
 
 def run_deploy(stack, env: str, *overrides: str):
+    """The deploy flow; production releases without a person unless the test sets deploy.approval."""
     workspace, ports = stack
+    if env == "production" and not any(o.startswith("deploy.approval=") for o in overrides):
+        overrides = ("deploy.approval=auto", *overrides)
     return deploy(env=env, overrides=[f"paths.workspace={workspace}", f"serve.port={ports[env]}", *overrides],
                   return_state=True)
 

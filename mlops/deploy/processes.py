@@ -55,6 +55,9 @@ class LiveServer:
     create_time: float | None = None  # of the process (psutil): with `instance`, who `pid` is
     instance: str | None = None  # the id passed as --instance-id and reported on /ready
     tls_cert: str | None = None  # https: the certificate the server presents, which its clients trust
+    challenger: str | None = None  # a second version in the process (canary or shadow)
+    challenger_role: str | None = None
+    challenger_share: float | None = None
 
     @property
     def identified(self) -> bool:
@@ -106,6 +109,7 @@ def server_command(
     reuse_port: bool = False,
     cache_dir: Path | None = None,
     instance: str | None = None,
+    challenger: tuple[str, str, float] | None = None,
 ) -> list[str]:
     """`python -m mlops.serve` for `version`, its settings passed as JSON (validated again there)."""
     command = [
@@ -125,6 +129,9 @@ def server_command(
         command += ["--cache-dir", str(cache_dir)]
     if instance is not None:
         command += ["--instance-id", instance]
+    if challenger is not None:
+        version, role, share = challenger
+        command += ["--challenger-version", version, "--challenger-role", role, "--challenger-share", repr(share)]
     return command
 
 
@@ -138,11 +145,14 @@ def tls_cert(serve: ServeConfig) -> str | None:
     return str(files[0]) if files else None
 
 
-def start_server(config: DeployConfig, version: str, blue_green: bool) -> LiveServer:
+def start_server(
+    config: DeployConfig, version: str, blue_green: bool, challenger: tuple[str, str, float] | None = None
+) -> LiveServer:
     """Start a detached server process for `version`; it outlives the flow that started it.
 
     `blue_green`: share the public port with the server being replaced and add a private admin
-    port, where the new server is checked before any traffic reaches it.
+    port, where the new server is checked before any traffic reaches it. `challenger`: (version,
+    "canary" or "shadow", share) served beside it.
     """
     serve = config.serve
     cert = tls_cert(serve)
@@ -151,7 +161,7 @@ def start_server(config: DeployConfig, version: str, blue_green: bool) -> LiveSe
     cache = serve.cache_dir or config.paths.deploy / "models"
     command = server_command(
         serve, config.records, config.mlflow.tracking_uri, config.mlflow.registered_model, version, admin, blue_green,
-        cache, instance,
+        cache, instance, challenger,
     )
     logs = config.paths.deploy / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -163,7 +173,7 @@ def start_server(config: DeployConfig, version: str, blue_green: bool) -> LiveSe
         )
     return LiveServer(
         process.pid, config.mlflow.registered_model, version, serve.host, serve.port, admin, str(log_path),
-        started.isoformat(), _create_time(process.pid), instance, cert,
+        started.isoformat(), _create_time(process.pid), instance, cert, *(challenger or (None, None, None)),
     )
 
 

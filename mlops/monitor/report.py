@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pandas as pd
 
-from mlops.checks import Report
+from mlops.checks import Report, fmt
 from mlops.config import MonitorSettings
 from mlops.monitor.checks import (
     bias_checks,
@@ -40,6 +40,7 @@ class MonitorReport(Report):
     requests: int
     feature_drift: list[FeatureDrift] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    shadow: dict | None = None  # champion vs shadow on the same requests (mlops.deploy.canary.compare_shadow)
 
     @property
     def outcome(self) -> str:
@@ -51,8 +52,19 @@ class MonitorReport(Report):
         return super().to_dict() | {
             "version": self.version, "start": self.start.isoformat(), "end": self.end.isoformat(),
             "requests": self.requests, "outcome": self.outcome, "unreadable": self.unreadable,
-            "feature_drift": [asdict(d) for d in self.feature_drift],
+            "feature_drift": [asdict(d) for d in self.feature_drift], "shadow": self.shadow,
         }
+
+    def shadow_rows(self) -> list[tuple[str, str, str]]:
+        """(figure, served version, shadow version) rows of the shadow comparison."""
+        s = self.shadow
+        rows = [("requests answered by both", str(s["pairs"]), str(s["pairs"])),
+                ("agreement (same prediction)", fmt(s["agreement"]), fmt(s["agreement"])),
+                ("mean confidence", fmt(s["champion_confidence"]), fmt(s["shadow_confidence"]))]
+        for key, name in (("p95_ms", "p95 latency, ms (shadow: model call only)"), ("error_rate", "error rate"),
+                          ("labelled", "labelled (feedback)"), ("accuracy", "accuracy on feedback")):
+            rows.append((name, fmt(s["champion"][key]), fmt(s["shadow"][key])))
+        return rows
 
     def to_markdown(self) -> str:
         head = (f"**Monitor: {self.outcome.upper()}** — version {self.version}, {self.requests} requests"
@@ -60,6 +72,10 @@ class MonitorReport(Report):
         if self.unreadable:
             head += f"\n{len(self.unreadable)} unreadable record lines or files skipped (left in place).\n"
         body = super().to_markdown() if self.sections else ""
+        if self.shadow:
+            rows = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in self.shadow_rows())
+            body += (f"\n### shadow: version {', '.join(self.shadow['versions'])} beside {self.version}\n\n"
+                     f"| | v{self.version} (served) | shadow |\n|---|---|---|\n{rows}\n")
         if self.feature_drift:
             rows = "\n".join("| " + " | ".join(_drift_cells(d)) + " |" for d in self.feature_drift)
             body += (f"\n### drift per feature\n\n| {' | '.join(DRIFT_HEADER)} |\n|" + "---|" * len(DRIFT_HEADER)
@@ -77,6 +93,8 @@ def judge(
     """Every section's checks over the window (none when it had no traffic)."""
     report = MonitorReport(version=traffic.version, start=traffic.start, end=traffic.end,
                            requests=traffic.requests, unreadable=traffic.unreadable)
+    if traffic.shadow is not None:
+        report.shadow = asdict(traffic.shadow) | {"versions": traffic.shadow_versions}
     if traffic.requests == 0:
         return report
     drift, report.feature_drift = drift_checks(traffic, reference, classes, settings)
@@ -233,6 +251,10 @@ def html_report(report: MonitorReport, traffic: Traffic, reference: Reference | 
         images.append(("over the window", _png(window_figure(traffic))))
 
     sections = report.to_html()
+    if report.shadow:
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in report.shadow_rows())
+        sections += (f"<h3>shadow: version {html.escape(', '.join(report.shadow['versions']))} beside {report.version}</h3>"
+                     f"<table><tr><th></th><th>v{report.version} (served)</th><th>shadow</th></tr>{rows}</table>")
     if report.feature_drift:
         rows = "".join(
             f"<tr class='{'fail' if d.drifted else 'pass'}'>" + "".join(f"<td>{html.escape(c)}</td>" for c in _drift_cells(d)) + "</tr>"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlops.deploy.canary import Role, ShadowComparison, compare_shadow
 from mlops.serve.records import read_window
 
 
@@ -35,6 +36,8 @@ class Traffic:
     labels: dict[str, str]  # request id -> true label (feedback)
     unreadable: list[str]
     failed: pd.DataFrame = field(default_factory=pd.DataFrame)  # requests whose model call failed (a 500)
+    shadow: ShadowComparison | None = None  # a shadow version's answers to the same requests
+    shadow_versions: list[str] = field(default_factory=list)
 
     @property
     def requests(self) -> int:
@@ -44,11 +47,17 @@ class Traffic:
 def load_traffic(records_dir: Path, version: str, start: datetime, end: datetime) -> Traffic:
     requests = read_window(records_dir, "requests", start, end)
     feedback = read_window(records_dir, "feedback", start - timedelta(days=7), end)
-    frame = pd.DataFrame([r for r in requests.records if str(r.get("model_version")) == version])
+    mine = [r for r in requests.records if str(r.get("model_version")) == version and r.get("role") != Role.SHADOW]
+    shadows = [r for r in requests.records if r.get("role") == Role.SHADOW]
+    frame = pd.DataFrame(mine)
     if frame.empty:
         frame = pd.DataFrame(columns=["status", "request_id", "time"])
     served = frame[frame["status"] == "ok"].reset_index(drop=True)
     rejected = frame[frame["status"] == "rejected"].reset_index(drop=True)
     failed = frame[frame["status"] == "error"].reset_index(drop=True)
     labels = {r["request_id"]: r["label"] for r in feedback.records if "request_id" in r and "label" in r}
-    return Traffic(start, end, version, served, rejected, labels, requests.unreadable + feedback.unreadable, failed)
+    shadow = None
+    if shadows:
+        shadow = compare_shadow(mine + shadows, labels)  # pairs only the requests this version answered
+    return Traffic(start, end, version, served, rejected, labels, requests.unreadable + feedback.unreadable, failed,
+                   shadow, sorted({str(r["model_version"]) for r in shadows}))

@@ -9,6 +9,11 @@ Every input is hostile until read: bodies are bounded in size and in memory held
 (`serve.max_body_mb`, `serve.max_bodies_mb`), images in pixels, formats and decoded bytes
 (`mlops.serve.decoding`), and no error quotes more than a short prefix of what it was sent.
 The OpenAPI document says exactly what the server takes and answers.
+
+A second version, the challenger, may sit beside the served one (`Challenger`): as a canary it
+answers the share of requests `mlops.deploy.canary.routes_to_canary` sends it (sticky by the
+client's `X-Route-Key` header); as a shadow it answers a sampled copy of requests off the
+response path, and its answers are recorded under the same request id, never returned.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from starlette.staticfiles import StaticFiles
 
 from mlops.config import ServeConfig
 from mlops.config.serve import default_serve_config
+from mlops.deploy.canary import ROUTE_HEADER, Role, routes_to_canary, sampled
 from mlops.serve.batching import MicroBatcher
 from mlops.serve.capture import CaptureMetrics, CaptureWriter
 from mlops.serve.decoding import BadInput, ByteBudget, configure_allocator, decode
@@ -62,6 +68,20 @@ class ServedModel:
     version: str
     model: OnnxClassifier
     instance: str = field(default_factory=lambda: uuid.uuid4().hex)  # told on /ready: who answers
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """A second version in the same process: a canary taking `share` of requests, or a shadow
+    answering a `share` sample of them unseen."""
+
+    served: ServedModel
+    role: Role
+    share: float
+
+    def __post_init__(self):
+        if self.role not in (Role.CANARY, Role.SHADOW) or not 0.0 < self.share <= 1.0:
+            raise ValueError(f"challenger: role canary|shadow with a share in (0, 1], not {self.role} {self.share}")
 
 
 def quote(text: str) -> str:
@@ -123,6 +143,7 @@ class Ready(BaseModel):
     classes: list[str]
     pid: int
     instance: str = Field(description="this process's id: tells two servers of one version apart")
+    challenger: dict | None = Field(default=None, description="the canary or shadow version beside it: version, role, share")
 
 
 ERRORS = {
@@ -329,17 +350,26 @@ class Observe:
 
 def create_app(
     served: ServedModel, settings: ServeConfig | None = None, token: str | None = None, records: RecordWriter | None = None,
-    capture: CaptureWriter | None = None,
+    capture: CaptureWriter | None = None, challenger: Challenger | None = None,
 ) -> FastAPI:
     """The API for `served`, with the limits and batching of `settings` (the `serve` section;
     default: conf/serve/default.yaml); `records` and `capture` (closed at shutdown): where
-    requests are recorded and sampled images kept, if anywhere."""
+    requests are recorded and sampled images kept, if anywhere; `challenger`: a canary or
+    shadow version beside `served` (same classes and input size)."""
     settings = settings or default_serve_config()
     model, classes = served.model, served.model.spec.classes
+    if challenger and challenger.served.model.spec.classes != classes:
+        raise ValueError(f"challenger version {challenger.served.version} has other classes than version {served.version}")
     metrics = Metrics(served)
     if capture:
         metrics.registry.register(CaptureMetrics(capture))
-    batcher = MicroBatcher(model, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0, metrics.batch_size.observe)
+
+    def batcher_of(runner: OnnxClassifier) -> MicroBatcher:
+        return MicroBatcher(runner, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0, metrics.batch_size.observe)
+
+    batcher = batcher_of(model)
+    second = batcher_of(challenger.served.model) if challenger else None
+    shadow_calls: set[asyncio.Task] = set()  # running copies (a task needs a reference until done)
     bodies = BodyBudget(settings.max_bodies_bytes, settings.timeout_request_s)
     decodes = ByteBudget(settings.max_decode_bytes, settings.timeout_request_s)
     decode_size = max(model.spec.input_size, THUMBNAIL)
@@ -351,8 +381,14 @@ def create_app(
         configure_allocator()
         bodies.start()
         batcher.start()
+        if second:
+            second.start()
         yield
+        if shadow_calls:
+            await asyncio.wait(shadow_calls, timeout=settings.timeout_request_s)
         await batcher.stop()
+        if second:
+            await second.stop()
         if records:
             records.close()
         if capture:
@@ -379,7 +415,8 @@ def create_app(
         metrics.errors.labels("invalid_request").inc()
         return error(422, "invalid_request", problems(exc.errors()))
 
-    def record(request_id: str, endpoint: str, content_type: str, size: int, **fields) -> None:
+    def record(request_id: str, endpoint: str, content_type: str, size: int, version: str = served.version,
+               **fields) -> None:
         if records:
             records.write(
                 "requests",
@@ -387,7 +424,7 @@ def create_app(
                     "request_id": request_id,
                     "time": datetime.now(UTC).isoformat(),
                     "model": served.name,
-                    "model_version": served.version,
+                    "model_version": version,
                     "endpoint": endpoint,
                     "content_type": quote(content_type),
                     "bytes": size,
@@ -400,8 +437,33 @@ def create_app(
         features = image_features(decoded.image, (decoded.width, decoded.height))
         return image_to_array(decoded.image, model.spec), features
 
-    async def classify(data: bytes, content_type: str, endpoint: str, start: float) -> dict:
+    def answer(logits: np.ndarray) -> tuple[np.ndarray, int]:
+        probabilities = softmax(logits[None])[0]
+        return probabilities, int(np.argmax(probabilities))
+
+    async def shadow(array: np.ndarray, request_id: str, endpoint: str, content_type: str, size: int) -> None:
+        """The challenger's answer to a copy of a request, recorded beside the served one."""
+        start, version = time.perf_counter(), challenger.served.version
+        try:
+            logits, _ = await second.predict(array)
+        except Exception:  # noqa: BLE001 - the client has its answer; the failure is recorded
+            record(request_id, endpoint, content_type, size, version, role=Role.SHADOW.value, status="error",
+                   error="inference", latency_ms=(time.perf_counter() - start) * 1000.0)
+            return
+        probabilities, best = answer(logits)
+        record(request_id, endpoint, content_type, size, version, role=Role.SHADOW.value, status="ok", error=None,
+               prediction=classes[best], confidence=float(probabilities[best]),
+               latency_ms=(time.perf_counter() - start) * 1000.0, logits=[round(float(v), 4) for v in logits])
+
+    def route(request_id: str, key: str | None) -> tuple[ServedModel, MicroBatcher, Role]:
+        """Who answers: the canary for its share of routing keys, else the served version."""
+        if challenger and challenger.role is Role.CANARY and routes_to_canary(key or request_id, challenger.share):
+            return challenger.served, second, Role.CANARY
+        return served, batcher, Role.CHAMPION
+
+    async def classify(data: bytes, content_type: str, endpoint: str, start: float, key: str | None = None) -> dict:
         request_id = uuid.uuid4().hex
+        answering, runner, role = route(request_id, key)
         try:
             array, features = await run_in_threadpool(prepare, data)
         except BadInput as bad:
@@ -410,30 +472,33 @@ def create_app(
             bad.request_id = request_id
             raise
         try:
-            logits, projection = await batcher.predict(array)
+            logits, projection = await runner.predict(array)
         except Exception:
-            record(request_id, endpoint, content_type, len(data), status="error", error="inference",
-                   latency_ms=(time.perf_counter() - start) * 1000.0)
+            record(request_id, endpoint, content_type, len(data), answering.version, role=role.value, status="error",
+                   error="inference", latency_ms=(time.perf_counter() - start) * 1000.0)
             raise
-        probabilities = softmax(logits[None])[0]
-        best = int(np.argmax(probabilities))
+        probabilities, best = answer(logits)
         latency_ms = (time.perf_counter() - start) * 1000.0
         metrics.predictions.labels(classes[best]).inc()
         vectors = {"logits": [round(float(v), 4) for v in logits]}  # for output drift and estimated accuracy
         if projection is not None:
             vectors["embedding"] = [round(float(v), 4) for v in projection]  # for embedding drift
         record(
-            request_id, endpoint, content_type, len(data), status="ok", error=None,
+            request_id, endpoint, content_type, len(data), answering.version, role=role.value, status="ok", error=None,
             prediction=classes[best], confidence=float(probabilities[best]), latency_ms=latency_ms, **features, **vectors,
         )
+        if challenger and challenger.role is Role.SHADOW and sampled(request_id, challenger.share):
+            task = asyncio.create_task(shadow(array, request_id, endpoint, content_type, len(data)))
+            shadow_calls.add(task)
+            task.add_done_callback(shadow_calls.discard)
         if capture:  # only queued here: written by its own thread
             capture.offer(
-                request_id, data, model=served.name, model_version=served.version, endpoint=endpoint,
+                request_id, data, model=served.name, model_version=answering.version, endpoint=endpoint,
                 content_type=quote(content_type), prediction=classes[best], confidence=float(probabilities[best]),
             )
         return {
             "request_id": request_id,
-            "model": {"name": served.name, "version": served.version},
+            "model": {"name": served.name, "version": answering.version},
             "prediction": classes[best],
             "confidence": float(probabilities[best]),
             "probabilities": {name: float(p) for name, p in zip(classes, probabilities)},
@@ -458,7 +523,7 @@ def create_app(
         try:
             async with bodies.hold(body_cost(request, settings.max_body_bytes)):
                 ((data, content_type),) = await read_images(request, settings, "file", max_files=1)
-                return await classify(data, content_type, "/predict", start)
+                return await classify(data, content_type, "/predict", start, request.headers.get(ROUTE_HEADER))
         except BadInput as bad:
             return rejected(request, "/predict", bad)
 
@@ -470,9 +535,11 @@ def create_app(
     async def predict_batch(request: Request):
         start = time.perf_counter()
 
+        key = request.headers.get(ROUTE_HEADER)
+
         async def one(data: bytes, content_type: str) -> dict:
             try:
-                return await classify(data, content_type, "/predict/batch", start)
+                return await classify(data, content_type, "/predict/batch", start, key)
             except BadInput as bad:
                 return {"request_id": bad.request_id, "error": bad.kind, "detail": bad.detail}
 
@@ -514,8 +581,10 @@ def create_app(
 
     @app.get("/ready", summary="The model is loaded", response_model=Ready)
     async def ready():
+        beside = ({"version": challenger.served.version, "role": challenger.role.value, "share": challenger.share}
+                  if challenger else None)
         return {"ready": True, "model": served.name, "version": served.version, "classes": list(classes), "pid": os.getpid(),
-                "instance": served.instance}
+                "instance": served.instance, "challenger": beside}
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse)
     async def prometheus():

@@ -53,6 +53,7 @@ class RequestRecord(BaseModel):
     model_version: str
     endpoint: str
     status: Literal["ok", "rejected", "error"]  # error: the model call failed (the client got a 500)
+    role: Literal["champion", "canary", "shadow"] | None = None  # who answered (mlops.deploy.canary); None: champion
     content_type: str = ""
     bytes: Annotated[int, Field(strict=True, ge=0)] = 0
     error: str | None = None

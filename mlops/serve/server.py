@@ -31,7 +31,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from mlops.config import RecordsConfig, ServeConfig, secret
 from mlops.config.serve import TlsConfig, default_serve_config
 from mlops.registry import cached_model
-from mlops.serve.app import ServedModel, create_app
+from mlops.deploy.canary import Role
+from mlops.serve.app import Challenger, ServedModel, create_app
 from mlops.serve.capture import CaptureWriter, store_of
 from mlops.serve.inference import OnnxClassifier
 from mlops.serve.records import RecordWriter
@@ -254,6 +255,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path,
                         help="where model files are kept (default: serve.cache_dir, else a per-user temporary folder)")
     parser.add_argument("--instance-id", type=instance_id, help="reported on /ready (the deploy flow's name for this process)")
+    parser.add_argument("--challenger-version", help="a second version beside the served one (canary or shadow)")
+    parser.add_argument("--challenger-role", choices=[Role.CANARY.value, Role.SHADOW.value], default=Role.CANARY.value,
+                        help="canary: answers --challenger-share of requests; shadow: a copy of that share, unseen")
+    parser.add_argument("--challenger-share", type=float, default=0.05, help="in (0, 1]")
     return parser.parse_args(argv)
 
 
@@ -293,12 +298,24 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: cannot load {args.model} ({args.alias or args.version}): {type(error).__name__}: {error}")
     if args.instance_id:
         served = dataclasses.replace(served, instance=args.instance_id)
+    challenger = None
+    if args.challenger_version:
+        try:
+            second = load_served(args.tracking_uri, args.model, None, args.challenger_version, cache)
+            challenger = Challenger(second, Role(args.challenger_role), args.challenger_share)
+        except Exception as error:  # noqa: BLE001 - report why, then exit
+            sys.exit(f"error: cannot load challenger {args.model} ({args.challenger_version}): {type(error).__name__}: {error}")
     records = None
     if records_config is not None:
         records = RecordWriter(records_config.dir, records_config.max_mb, records_config.max_age_days)
     capture = CaptureWriter.from_config(settings.capture)
-    app = create_app(served, settings, token, records, capture)
+    try:
+        app = create_app(served, settings, token, records, capture, challenger)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     config = uvicorn_config(app, settings)
     scheme = "https" if config.is_ssl else "http"
     log.info("serving %s v%s on %s://%s:%s", served.name, served.version, scheme, settings.host, settings.port)
+    if challenger:
+        log.info("with v%s as %s on %.0f%% of requests", challenger.served.version, challenger.role, challenger.share * 100)
     uvicorn.Server(config).run(sockets=sockets)
