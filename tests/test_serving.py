@@ -92,7 +92,8 @@ def test_bad_input_gets_a_4xx_json_error_and_the_server_stays_up(server, kwargs,
 def test_ready_reports_the_model_and_metrics_count_requests(server):
     ready = httpx.get(server + "/ready").json()
     assert len(ready.pop("instance")) == 32
-    assert ready == {"ready": True, "model": "pets", "version": "7", "classes": ["cat", "dog", "fox"], "pid": os.getpid()}
+    assert ready == {"ready": True, "model": "pets", "version": "7", "classes": ["cat", "dog", "fox"], "pid": os.getpid(),
+                     "challenger": None}
     for _ in range(3):
         httpx.post(server + "/predict", content=png(), headers={"content-type": "image/png"})
     text = httpx.get(server + "/metrics").text

@@ -82,6 +82,7 @@ class Challenger:
     def __post_init__(self):
         if self.role not in (Role.CANARY, Role.SHADOW) or not 0.0 < self.share <= 1.0:
             raise ValueError(f"challenger: role canary|shadow with a share in (0, 1], not {self.role} {self.share}")
+        object.__setattr__(self, "role", Role(self.role))
 
 
 def quote(text: str) -> str:
