@@ -5,7 +5,10 @@ with no client error, a good one taken to 100%, and a shadow version compared by
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -181,11 +184,32 @@ def test_a_rejected_version_cannot_be_released(stack):
     assert alias(stack, "production") == version
 
 
-def test_manual_approval_without_a_server_or_with_a_bad_decision_says_what_to_do(stack):
-    rejected = run_deploy(stack, "production", "action=reject", "version=1", "reviewer=Bo")
+def test_no_decision_in_time_without_a_server_or_a_bad_one_releases_nothing(stack):
+    serving = alias(stack, "production")
+    version = clone_version(stack, serving)
+    client(stack).set_registered_model_alias(MODEL, "candidate", version)
+    assert run_deploy(stack, "test").is_completed()
+
+    timed_out = run_deploy(stack, "production", "deploy.approval=manual", "deploy.approval_timeout_s=2")
+    assert timed_out.is_failed()  # Prefect's own words, "failed and never resumed", or ours: "no decision ..."
+    assert "never resumed" in timed_out.message or f"no decision on version {version}" in timed_out.message
+    assert alias(stack, "production") == serving and "approval.decision" not in tags(stack, version)
+
+    # from a shell with no Prefect server there is no form to show: it says how to approve instead
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    workspace, ports = stack
+    shell = subprocess.run(
+        [sys.executable, "-m", "flows.deploy", "env=production", f"paths.workspace={workspace}",
+         f"serve.port={ports['production']}"], env=environment, capture_output=True, text=True, timeout=300)
+    assert shell.returncode != 0
+    assert f"action=approve version={version}" in shell.stdout + shell.stderr
+    assert alias(stack, "production") == serving
+
+    rejected = run_deploy(stack, "production", "action=reject", f"version={version}", "reviewer=Bo")
     assert rejected.is_failed() and "comment: a rejection needs a reason" in rejected.message
     unknown = run_deploy(stack, "production", "action=approve", "version=99", "reviewer=Bo")
     assert unknown.is_failed() and "version=99: no such version" in unknown.message
+    assert "approval.decision" not in tags(stack, version)
 
 
 def test_a_worse_canary_is_rolled_back_with_no_client_error(stack):
