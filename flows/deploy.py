@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from pydantic import Field
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.flow_runs import pause_flow_run
@@ -150,9 +151,9 @@ def report(config: DeployConfig, registry: Registry, version: str, lines: dict[s
 class ApprovalForm(RunInput):
     """The form a paused release shows in the Prefect UI."""
 
-    approve: bool
-    reviewer: str
-    comment: str = ""
+    approve: bool = Field(description="On: release this version to production. Off: reject it (say why below).")
+    reviewer: str = Field(description="Your name, recorded on the model version and in its card")
+    comment: str = Field("", description="What you checked, or why you reject it (required to reject)")
 
 
 @task(**NETWORK)
@@ -204,7 +205,7 @@ def ensure_approved(config: DeployConfig, registry: Registry, version: str) -> N
         return
     tags = registry.version_tags(version)
     ok, why = approval.releasable(tags, "manual")
-    if not ok and approval.DECISION_TAG not in tags and tags.get("deploy.test.status") == "passed":
+    if not ok and approval.awaiting(tags):
         record_decision(config, registry, version, wait_for_decision(config, version, tags))
         ok, why = approval.releasable(registry.version_tags(version), "manual")
     if not ok:

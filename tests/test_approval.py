@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from mlops.deploy.approval import (
-    DECISION_TAG, TESTED_AT_TAG, BadDecision, Decision, card_section, decide, decision_tags, releasable,
+    DECISION_TAG, TESTED_AT_TAG, BadDecision, Decision, awaiting, card_section, decide, decision_tags, releasable,
     summary_for_reviewer,
 )
 
@@ -60,5 +60,12 @@ def test_manual_releases_only_an_approved_version_of_the_current_test_run():
 def test_the_card_and_the_form_show_the_facts():
     section = card_section("3", decide("approved", "ana", "", AT, "cli"))
     assert "Version 3 **approved** by ana (cli)" in section and "2026-12-07 09:30" in section
-    text = summary_for_reviewer("3", TESTED | {"other": "x"})
-    assert "| app_accuracy | 0.97 |" in text and "other" not in text
+    text = summary_for_reviewer("3", TESTED | {"other": "x", "deploy.test.app_latency_p95_ms": "32.626972299942715"})
+    assert "| app_accuracy | 0.97 |" in text and "| app_latency_p95_ms | 32.63 |" in text and "other" not in text
+
+
+def test_a_person_is_asked_only_about_a_tested_version_without_a_current_decision():
+    assert awaiting(TESTED)
+    assert not awaiting(approved()) and not awaiting(approved(**{DECISION_TAG: "rejected"}))
+    assert awaiting(approved(**{"deploy.test.at": "2026-12-08T00:00:00+00:00"}))  # tested again: ask again
+    assert not awaiting(TESTED | {"deploy.test.status": "failed"}) and not awaiting({})

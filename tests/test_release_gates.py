@@ -72,33 +72,42 @@ class Load:
     """Clients sending test images (and their true labels as /feedback) until stopped, at most
     `limit` requests; a refused or reset connection is retried once, as clients should."""
 
-    def __init__(self, stack, limit: int = 3000, threads: int = 2):
+    def __init__(self, stack, limit: int = 6000, threads: int = 2):
         self.images, self.url, self.limit = images_of(stack), production_url(stack), limit
         self.statuses: list[int] = []
         self.versions: list[str] = []
         self.ids: list[str] = []
+        self.failures: list[str] = []  # a client that gave up (after one retry)
+        self.retried = 0
         self.done = threading.Event()
         self.threads = [threading.Thread(target=self.send, args=(seed,)) for seed in range(threads)]
 
+    def post(self, http: httpx.Client, path: str, **kwargs) -> httpx.Response:
+        for attempt in (1, 2):
+            try:
+                return http.post(self.url + path, **kwargs)
+            except httpx.TransportError:  # a kept-alive connection the old server closed as it stopped
+                if attempt == 2:
+                    raise
+                self.retried += 1
+        raise AssertionError("unreachable")
+
     def send(self, seed: int) -> None:
         rng, headers = random.Random(seed), {"authorization": f"Bearer {TOKEN}"}
-        with httpx.Client(timeout=10, headers=headers) as http:
-            while not self.done.is_set() and len(self.statuses) < self.limit:
-                path, label = rng.choice(self.images)
-                for attempt in (1, 2):
-                    try:
-                        answer = http.post(self.url + "/predict", content=path.read_bytes(),
-                                           headers={"content-type": "image/png"})
-                        break
-                    except httpx.TransportError:
-                        if attempt == 2:
-                            raise
-                self.statuses.append(answer.status_code)
-                if answer.status_code == 200:
-                    body = answer.json()
-                    self.versions.append(body["model"]["version"])
-                    self.ids.append(body["request_id"])
-                    http.post(self.url + "/feedback", json={"request_id": body["request_id"], "label": label})
+        try:
+            with httpx.Client(timeout=10, headers=headers) as http:
+                while not self.done.is_set() and len(self.statuses) < self.limit:
+                    path, label = rng.choice(self.images)
+                    answer = self.post(http, "/predict", content=path.read_bytes(), headers={"content-type": "image/png"})
+                    self.statuses.append(answer.status_code)
+                    if answer.status_code == 200:
+                        body = answer.json()
+                        self.versions.append(body["model"]["version"])
+                        self.ids.append(body["request_id"])
+                        given = self.post(http, "/feedback", json={"request_id": body["request_id"], "label": label})
+                        self.statuses.append(given.status_code)
+        except Exception as error:  # noqa: BLE001 - the test reads it
+            self.failures.append(repr(error))
 
     def __enter__(self):
         for thread in self.threads:
@@ -109,6 +118,10 @@ class Load:
         self.done.set()
         for thread in self.threads:
             thread.join()
+
+    def no_client_error(self) -> bool:
+        """Every request answered (202 for feedback), none given up; a retried reset is allowed, few."""
+        return not self.failures and set(self.statuses) <= {200, 202} and self.retried <= 6
 
 
 def paused_run(timeout_s: float = 120.0):
@@ -219,7 +232,7 @@ def test_a_worse_canary_is_rolled_back_with_no_client_error(stack):
     with Load(stack) as load:
         state = run_deploy(stack, "production", *FAST_CANARY, "deploy.canary.steps=[{share:0.5,bake_s:30}]")
     assert state.is_failed() and "rolled back at 50%" in state.message and "accuracy" in state.message
-    assert set(load.statuses) == {200} and worse in load.versions  # it answered some, then none
+    assert load.no_client_error() and worse in load.versions  # it answered some, then none
     assert alias(stack, "production") == serving
     live = deployment.read_live(stack[0] / "deploy" / "production")
     assert (live.version, live.challenger) == (serving, None)
@@ -238,7 +251,7 @@ def test_a_good_canary_goes_through_every_step_to_production(stack):
     with Load(stack) as load:
         state = run_deploy(stack, "production", *FAST_CANARY, steps)
     assert state.is_completed(), state.message
-    assert set(load.statuses) == {200} and good in load.versions
+    assert load.no_client_error() and good in load.versions
     ready = httpx.get(production_url(stack) + "/ready").json()
     assert (ready["version"], ready["challenger"]) == (good, None)
     assert (alias(stack, "production"), alias(stack, "previous")) == (good, serving)
@@ -255,10 +268,10 @@ def test_a_shadow_answers_the_same_requests_unseen_and_the_monitor_compares(stac
     serving, challenger = alias(stack, "production"), "1"
     state = run_deploy(stack, "production", "action=shadow", f"version={challenger}", "deploy.shadow.sample_rate=1.0")
     assert state.is_completed(), state.message
-    with Load(stack, limit=80, threads=1) as load:
-        while len(load.statuses) < 80 and not load.done.wait(0.2):
+    with Load(stack, limit=160, threads=1) as load:
+        while len(load.ids) < 80 and not load.failures and not load.done.wait(0.2):
             pass
-    assert set(load.statuses) == {200} and set(load.versions) == {serving}  # shadow answers are never returned
+    assert load.no_client_error() and set(load.versions) == {serving}  # shadow answers are never returned
     time.sleep(2.0)  # the server flushes its records every second
     records = [json.loads(line) for path in (stack[0] / "records" / "production" / "requests").rglob("*.jsonl")
                for line in path.read_text().splitlines()]

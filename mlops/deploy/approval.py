@@ -99,9 +99,26 @@ def releasable(tags: dict[str, str], mode: str) -> tuple[bool, str]:
     return True, f"approved by {by}"
 
 
+def awaiting(tags: dict[str, str]) -> bool:
+    """Whether a person should be asked: the version passed its latest test run and has no
+    decision for that run (none, or one given for an earlier run)."""
+    tested = tags.get("deploy.test.at")
+    return tags.get("deploy.test.status") == "passed" and bool(tested) and tags.get(TESTED_AT_TAG) != tested
+
+
+def readable(value: str) -> str:
+    """A tag's number to 4 significant digits (tags hold floats' full text); other text as it is."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "." not in value else f"{number:.4g}"
+
+
 def summary_for_reviewer(version: str, tags: dict[str, str]) -> str:
     """What the form shows above its fields: the test environment's figures for `version`."""
     prefix = "deploy.test."
-    rows = "\n".join(f"| {key[len(prefix):]} | {value} |" for key, value in sorted(tags.items()) if key.startswith(prefix))
+    rows = "\n".join(f"| {key[len(prefix):]} | {readable(value)} |" for key, value in sorted(tags.items())
+                     if key.startswith(prefix))
     return (f"### Release version {version} to production?\n\nApplication tests in the test environment:\n\n"
             f"| figure | value |\n|---|---|\n{rows}\n\nApprove, or reject with a reason.")
