@@ -112,7 +112,26 @@ def publish(config: MonitorConfig, registry: Registry, judged: report.MonitorRep
 
 @task(**NETWORK)
 def send_to_sink(due: list[alerts.Alert], sink: str, url: str | None) -> None:
-    alerts.deliver(due, sink, url)
+    if sink.startswith("prefect:"):
+        notify_block(due, url)
+    else:
+        alerts.deliver(due, sink, url)
+
+
+def notify_block(due: list[alerts.Alert], name: str) -> None:
+    """Send through the Prefect notification block `name` (<block type slug>/<block name>)."""
+    from prefect.blocks.abstract import NotificationBlock
+    from prefect.blocks.core import Block
+
+    try:
+        block = Block.load(name)
+    except ValueError as error:
+        raise ValueError(f"monitor.alerts.prefect_blocks: no block '{name}' on the Prefect server"
+                         f" (add it in the UI under Blocks): {error}") from None
+    if not isinstance(block, NotificationBlock):
+        raise ValueError(f"monitor.alerts.prefect_blocks: '{name}' is a {type(block).__name__}, not a notification block")
+    subject, body = alerts.message(due)
+    block.notify(body, subject)
 
 
 def send_alerts(config: MonitorConfig, candidates: list[alerts.Alert]) -> list[str]:

@@ -8,18 +8,19 @@ import pytest
 
 from mlops.checks import compare
 from mlops.config.monitor import AlertPolicy
-from mlops.monitor.alerts import Alert, alerts_for, due_alerts, resolve_sinks
+from mlops.monitor.alerts import Alert, alerts_for, due_alerts, message, resolve_sinks
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 QUIET = timedelta(hours=6)
 
 
-def policy(sinks=("log", "webhook", "slack")) -> AlertPolicy:
+def policy(sinks=("log", "webhook", "slack"), blocks=()) -> AlertPolicy:
     return AlertPolicy(
         sections=["drift", "performance"],
         sinks=list(sinks),
         webhook_url_env="HOOK_URL",
         slack_url_env="SLACK_URL",
+        prefect_blocks=list(blocks),
         quiet_period="6h",
         report_base_url=None,
     )
@@ -90,3 +91,28 @@ def test_a_retrain_waiting_for_labels_alerts_with_the_count_and_the_minimum():
     assert alert.key == "retrain.labelled_production_images@v3"
     for part in ("retrain/labelled_production_images", "= 7", ">= 20", "version 3", "http://r/2"):
         assert part in alert.text(), (part, alert.text())
+
+
+def test_the_prefect_sink_is_one_sink_per_notification_block():
+    blocks = policy(("log", "prefect"), ["slack-webhook/ops", "custom-webhook/pager"])
+    assert resolve_sinks(blocks, {}) == (
+        {"log": None, "prefect:slack-webhook/ops": "slack-webhook/ops", "prefect:custom-webhook/pager": "custom-webhook/pager"},
+        [])
+
+
+@pytest.mark.parametrize(("blocks", "problem"), [
+    ([], "needs prefect_blocks"),
+    (["ops-alerts"], "<block type slug>/<block name>"),
+    (["Slack/Ops"], "<block type slug>/<block name>"),
+])
+def test_the_prefect_sink_needs_well_named_blocks(blocks, problem):
+    fields = policy(("log",)).model_dump() | {"sinks": ["prefect"], "prefect_blocks": blocks}
+    with pytest.raises(ValueError, match=problem):
+        AlertPolicy.model_validate(fields)
+
+
+def test_one_message_carries_every_alert():
+    alerts = alerts_for([breach(), breach("performance", "accuracy", 0.9, 0.95, ">=")], ["drift", "performance"], "3", "r")
+    subject, body = message(alerts)
+    assert subject == "[mlops] 2 alert(s) on model version 3"
+    assert body.splitlines() == [a.text() for a in alerts]

@@ -59,9 +59,17 @@ def run_monitor(overrides: list[str], receiver: Receiver | None = None):
     if receiver is not None:
         import os
 
+        from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
         os.environ["MLOPS_ALERT_WEBHOOK_URL"] = receiver.url + "/hook"
         os.environ["MLOPS_SLACK_WEBHOOK_URL"] = receiver.url + "/slack"
-        sinks = ["monitor.alerts.sinks=[log,webhook,slack]"]
+        # a notification block as an operator makes it in the Prefect UI (Blocks > Custom Webhook)
+        CustomWebhookNotificationBlock(
+            name="on-call", url=receiver.url + "/block", json_data={"subject": "{{subject}}", "text": "{{body}}"},
+            allow_private_urls=True,
+        ).save("mlops-alerts", overwrite=True)
+        sinks = ["monitor.alerts.sinks=[log,webhook,slack,prefect]",
+                 "monitor.alerts.prefect_blocks=[custom-webhook/mlops-alerts]"]
     window = [] if any(o.startswith("monitor.window=") for o in overrides) else ["monitor.window=30m"]
     state = monitor(env="test", overrides=[*overrides, *window, *sinks], return_state=True)
     assert state.is_completed(), state.message
@@ -125,6 +133,9 @@ def test_drift_alerts_once_and_retrains_once(workspace):
     alert = next(a for a in hooks[0]["alerts"] if a["check"] == "drifted_share")
     assert alert["version"] == "1" and alert["value"] > alert["bound"] and alert["report"] == first.report
     assert any("drifted_share" in body["text"] for path, body in receiver.received if path == "/slack")
+    (block,) = [body for path, body in receiver.received if path == "/block"]  # through the Prefect block, once
+    assert block["subject"].startswith("[mlops] ") and block["subject"].endswith("alert(s) on model version 1")
+    assert "drifted_share" in block["text"] and first.report in block["text"]
 
     assert (first.retrain.started, first.retrain.state) == ("in-process", "COMPLETED")  # no deployment here
     assert first.retrain.decision == "in_process" and "drift.drifted_share" in first.retrain.reasons

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mlops.config.common import DEPLOYMENT, DURATION, ENV_NAME, WINDOW, CommonConfig, Section
 
+BLOCK_NAME = re.compile(r"[a-z0-9][a-z0-9-]*/[a-z0-9][a-z0-9-]*")  # Prefect's block slugs and names
 MonitorSection = Literal["integrity", "drift", "performance", "telemetry", "bias"]
 
 
@@ -77,11 +79,28 @@ class BiasRules(Section):
 
 class AlertPolicy(Section):
     sections: list[MonitorSection]
-    sinks: list[Literal["log", "webhook", "slack"]]
+    sinks: list[Literal["log", "webhook", "slack", "prefect"]]
     webhook_url_env: str = Field(pattern=ENV_NAME)
     slack_url_env: str = Field(pattern=ENV_NAME)
+    # sink `prefect`: Prefect notification blocks (Slack, Teams, email, PagerDuty, a webhook...),
+    # made in the Prefect UI (Blocks) and named here as <block type slug>/<block name>
+    prefect_blocks: list[str] = Field(default_factory=list)
     quiet_period: str = Field(pattern=DURATION)
     report_base_url: str | None = None
+
+    @field_validator("prefect_blocks")
+    @classmethod
+    def _block_names(cls, blocks: list[str]) -> list[str]:
+        bad = [b for b in blocks if not BLOCK_NAME.fullmatch(b)]
+        if bad:
+            raise ValueError(f"{bad}: name each block as <block type slug>/<block name>, e.g. slack-webhook/ops-alerts")
+        return blocks
+
+    @model_validator(mode="after")
+    def _blocks_for_the_prefect_sink(self) -> AlertPolicy:
+        if "prefect" in self.sinks and not self.prefect_blocks:
+            raise ValueError("sink 'prefect' needs prefect_blocks: the notification blocks to send through")
+        return self
 
 
 class RetrainPolicy(Section):

@@ -54,7 +54,9 @@ def resolve_sinks(policy: AlertPolicy, environ: Mapping[str, str]) -> tuple[dict
     problems = []
     for sink in policy.sinks:
         variable = {"webhook": policy.webhook_url_env, "slack": policy.slack_url_env}.get(sink)
-        if variable is None:
+        if sink == "prefect":  # one sink per notification block; the flow loads it by name
+            sinks |= {f"prefect:{block}": block for block in policy.prefect_blocks}
+        elif variable is None:
             sinks[sink] = None
         elif environ.get(variable):
             sinks[sink] = environ[variable]
@@ -66,6 +68,13 @@ def resolve_sinks(policy: AlertPolicy, environ: Mapping[str, str]) -> tuple[dict
 def due_alerts(alerts: list[Alert], sent: Mapping[str, str], quiet: timedelta, now: datetime) -> list[Alert]:
     """The alerts not sent within the quiet period (`sent`: alert key -> ISO time last sent)."""
     return [a for a in alerts if a.key not in sent or now - datetime.fromisoformat(sent[a.key]) >= quiet]
+
+
+def message(alerts: list[Alert]) -> tuple[str, str]:
+    """(subject, body) of one notification carrying `alerts` (a Prefect notification block's)."""
+    versions = ", ".join(sorted({a.version for a in alerts}))
+    subject = f"[mlops] {len(alerts)} alert(s) on model version {versions}"
+    return subject, "\n".join(a.text() for a in alerts)
 
 
 def deliver(alerts: list[Alert], sink: str, url: str | None) -> None:
