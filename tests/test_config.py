@@ -280,7 +280,7 @@ def test_production_scales_out_by_configuration(monkeypatch, tmp_path):
     monkeypatch.setenv("MLOPS_NUM_NODES", "4")
     config = load_config("build", "production", ["train=ddp", f"paths.workspace={tmp_path}"])
     settings = trainer_settings(config)
-    assert (settings["strategy"], settings["num_nodes"], settings["accelerator"]) == ("ddp", 4, "gpu")
+    assert (settings["strategy"], settings["num_nodes"], settings["accelerator"]) == ("ddp_spawn", 4, "gpu")
     assert settings["precision"] == "16-mixed" and config.train.learning_rate == 1e-3  # the rest from default
     assert config.mlflow.tracking_uri.startswith("postgresql://") and config.dvc.remote.startswith("s3://")
     deploy = load_config("deploy", "production", [f"paths.workspace={tmp_path}"])
