@@ -70,7 +70,7 @@ def default_window(config: MonitorConfig) -> str:
 
 def gather(config: MonitorConfig, classes: list[str], window: str, now: datetime) -> production.Collected:
     """Captures of the window (`all`: every one kept) joined with their feedback."""
-    return production.collect(config.captures.url, config.records.dir, classes, config.captures.on_conflict,
+    return production.collect(config.captures.url, config.records.store, classes, config.captures.on_conflict,
                               window_start(window, now))
 
 
@@ -198,12 +198,13 @@ def run_import(config: MonitorConfig, options: dict[str, str]) -> int:
     if not labels:
         raise Usage(f"from={source}: not one usable label ({len(problems)} problem(s) above; classes: {', '.join(classes)})")
     records = config.records
-    written = labelling.import_labels(labels, records.dir, records.max_mb, records.max_age_days, f"import:{source.resolve()}")
+    written = labelling.import_labels(labels, records.dir, records.max_mb, records.max_age_days, f"import:{source.resolve()}",
+                                     records.url)
     counts: dict[str, int] = {}
     for label in labels:
         counts[label.label] = counts.get(label.label, 0) + 1
     per_class = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
-    print(f"imported {written} labels as feedback into {records.dir} ({per_class}); {len(problems)} not used")
+    print(f"imported {written} labels as feedback into {records.url or records.dir} ({per_class}); {len(problems)} not used")
     return 0
 
 

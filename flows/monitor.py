@@ -84,7 +84,7 @@ def fetch_model(registry: Registry, ref: VersionRef, folder) -> tuple[Reference 
 def analyse(config: MonitorConfig, ref: VersionRef, reference: Reference | None, classes: list[str],
             start: datetime, end: datetime) -> tuple[report.MonitorReport, window.Traffic]:
     """Every section's checks over the window."""
-    traffic = window.load_traffic(config.records.dir, ref.version, start, end)
+    traffic = window.load_traffic(config.records.store, ref.version, start, end)
     judged = report.judge(traffic, reference, classes, config.monitor, config.slo.max_p95_latency_ms)
     return judged, traffic
 
@@ -157,7 +157,7 @@ def send_alerts(config: MonitorConfig, candidates: list[alerts.Alert]) -> list[s
 def count_labelled(config: MonitorConfig, classes: list[str], now: datetime) -> int:
     """The labelled production images a retraining build would add (`monitor.retrain.production`)."""
     start = window.window_start(config.monitor.retrain.production, now)
-    collected = production.collect(config.captures.url, config.records.dir, classes, config.captures.on_conflict, start)
+    collected = production.collect(config.captures.url, config.records.store, classes, config.captures.on_conflict, start)
     return len(collected.joined.labelled)
 
 
@@ -167,7 +167,7 @@ def stores_of(config: MonitorConfig) -> dict[str, object]:
         "paths.workspace": config.paths.workspace, "mlflow.tracking_uri": config.mlflow.tracking_uri,
         "mlflow.artifact_location": config.mlflow.artifact_location, "mlflow.experiment": config.mlflow.experiment,
         "mlflow.registered_model": config.mlflow.registered_model, "dvc.repo": config.dvc.repo,
-        "dvc.remote": config.dvc.remote, "records.dir": config.records.dir, "captures.url": config.captures.url,
+        "dvc.remote": config.dvc.remote, "records.dir": config.records.dir, "records.url": config.records.url, "captures.url": config.captures.url,
     }
 
 

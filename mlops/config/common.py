@@ -115,11 +115,25 @@ class CapturesConfig(Section):
 
 
 class RecordsConfig(Section):
-    """What model servers record and the monitor reads."""
+    """What model servers record and the monitor reads: each server appends to its local `dir`
+    and, with `url` (a store on another machine, e.g. s3://bucket/records), ships it there every
+    `upload_s` seconds (`mlops.serve.records`)."""
 
     dir: Path
     max_mb: float = Field(gt=0.0)
     max_age_days: float = Field(gt=0.0)
+    url: str | None = Field(default=None, min_length=1)
+    upload_s: float = Field(default=30.0, gt=0.0)
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, url: str | None) -> str | None:
+        return None if url is None else store_url(url)
+
+    @property
+    def store(self) -> str | Path:
+        """Where readers read: the store the servers ship to, else the local folder."""
+        return self.url or self.dir
 
 
 class SloConfig(Section):

@@ -366,10 +366,12 @@ def _classes(classes: Sequence[str]) -> str:
 # -- into the records store -----------------------------------------------------------------
 
 
-def import_labels(labels: Iterable[Label], records_dir: Path, max_mb: float, max_age_days: float, source: str) -> int:
+def import_labels(labels: Iterable[Label], records_dir: Path, max_mb: float, max_age_days: float, source: str,
+                  upload_url: str | None = None) -> int:
     """Write each label as a feedback record (`FeedbackRecord`, plus `source`) to the records
-    store at `records_dir`, as `/feedback` does; returns how many were written. OSError if the
-    store could not be written."""
+    folder `records_dir`, as `/feedback` does, shipped to `upload_url` (`records.url`) when set,
+    for a monitor on another machine; returns how many were written. OSError if the folder could
+    not be written or the upload failed."""
     from mlops.serve.records import FeedbackRecord, RecordWriter
 
     records = []
@@ -384,7 +386,8 @@ def import_labels(labels: Iterable[Label], records_dir: Path, max_mb: float, max
         records.append(record)
     if not records:
         return 0
-    writer = RecordWriter(records_dir, max_mb=max_mb, max_age_days=max_age_days, flush_n=len(records) + 1)
+    writer = RecordWriter(records_dir, max_mb=max_mb, max_age_days=max_age_days, flush_n=len(records) + 1,
+                          upload_url=upload_url)
     try:
         for record in records:
             writer.write("feedback", record)
@@ -392,5 +395,7 @@ def import_labels(labels: Iterable[Label], records_dir: Path, max_mb: float, max
         writer.close()
     if writer.bytes_written == 0:  # the writer logs a failing disk instead of raising (it serves requests)
         raise OSError(f"could not write feedback records under {records_dir} (see the log)")
+    if writer.dirty:  # written here, but not where the monitor reads
+        raise OSError(f"feedback records written under {records_dir} could not be uploaded to {upload_url} (see the log)")
     return len(records)
 

@@ -9,10 +9,11 @@ is decided the same way in a test and in production:
 - `time_split`: the newest share of the labelled samples held out (the production holdout),
   the rest for training.
 
-`collect` reads both sides from where the model servers wrote them (`captures.url`,
-`records.dir`) and joins them; `split_production` decides where each labelled image goes in a
-dataset and `add_production` puts them there: validated like any image, with the provenance of
-every file in the manifest, so the new data version needs no capture to be rebuilt.
+`collect` reads both sides from where the model servers wrote them (`captures.url`, and
+`records.url` or else `records.dir`) and joins them; `split_production` decides where each
+labelled image goes in a dataset and `add_production` puts them there: validated like any
+image, with the provenance of every file in the manifest, so the new data version needs no
+capture to be rebuilt.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class Collected:
 
 
 def collect(
-    captures_url: str, records_dir: Path, classes: Sequence[str], on_conflict: OnConflict, start: datetime,
+    captures_url: str, records: Path | str, classes: Sequence[str], on_conflict: OnConflict, start: datetime,
     end: datetime | None = None,
 ) -> Collected:
     """The requests captured in [start, end) (None: unbounded) joined with every feedback label
@@ -145,7 +146,7 @@ def collect(
     now = datetime.now(UTC)
     # no start (all that is stored): a label comes after its request, so none before the oldest capture
     since = start or (captures.captured[0].time if captures.captured else now)
-    feedback = read_window(records_dir, "feedback", since, now + timedelta(hours=1))
+    feedback = read_window(records, "feedback", since, now + timedelta(hours=1))
     labels = [Label(r["request_id"], r["label"], _aware(r["time"])) for r in feedback.records]
     return Collected(join_labels(captures.captured, labels, classes, on_conflict), captures.unreadable + feedback.unreadable)
 

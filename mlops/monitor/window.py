@@ -44,9 +44,10 @@ class Traffic:
         return len(self.served) + len(self.rejected) + len(self.failed)
 
 
-def load_traffic(records_dir: Path, version: str, start: datetime, end: datetime) -> Traffic:
-    requests = read_window(records_dir, "requests", start, end)
-    feedback = read_window(records_dir, "feedback", start - timedelta(days=7), end)
+def load_traffic(records: Path | str, version: str, start: datetime, end: datetime) -> Traffic:
+    """`records`: the local folder or the store the servers ship to (`records.store`)."""
+    requests = read_window(records, "requests", start, end)
+    feedback = read_window(records, "feedback", start - timedelta(days=7), end)
     mine = [r for r in requests.records if str(r.get("model_version")) == version and r.get("role") != Role.SHADOW]
     shadows = [r for r in requests.records if r.get("role") == Role.SHADOW]
     frame = pd.DataFrame(mine)

@@ -5,19 +5,29 @@ for `feedback`), in numbered parts per hour, `<dir>/<kind>/<YYYY-MM-DD>/<HH>-<n>
 part at most 1/20 of the budget (`max_mb`), so a window is read by listing files and disk use
 is bounded at any load by deleting whole parts, oldest first (`prune`). Files of the earlier
 layout, one per hour (`<HH>.jsonl`), are still read and pruned.
+
+The folder is local (S3 has no append): with `upload_url` (`records.url`, e.g. `s3://bucket/records`,
+credentials from the AWS_* variables) the writer ships it for readers on other machines, each
+part it appended to uploaded whole every `upload_s` seconds and at close, to
+`<url>/<writer>/<kind>/<day>/<part>`; `<writer>` is the host and the folder, so servers sharing a
+folder overwrite one key with the whole file and two folders never collide. Only the local folder
+is pruned: the bucket's own lifecycle rule bounds the store. `read_window` reads either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -221,26 +231,65 @@ def prune(root: Path, max_bytes: int, max_age: timedelta, now: datetime | None =
     return removed
 
 
+def writer_name(root: Path) -> str:
+    """This writer's folder in the store: the host and the local folder (servers sharing a folder
+    ship the same files to the same keys)."""
+    return f"{socket.gethostname()}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
+
+
+def redact(text: str) -> str:
+    """`text` with the user part of any URL in it (user:password@) hidden, for logs."""
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
+
+
+def store_of(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, root path) of a records store; ValueError naming the URL if unusable."""
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, root = url_to_fs(url)
+    except (ImportError, ValueError) as error:  # an unknown protocol; its package not installed
+        raise ValueError(f"records store {redact(url)}: {error}") from None
+    return fs, root.rstrip("/")
+
+
+def is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
 class RecordWriter:
     """Buffered, thread-safe appends; flushes every `flush_s` seconds or `flush_n` records.
 
     The size of the part being written is checked at every flush (a new part past 1/20 of the
     budget), and the folder is pruned after every 1/50 of the budget written (and every
     minute), so disk use stays within a few percent of `max_mb` at any load.
+
+    With `upload_url`, the parts appended to are shipped whole by the background thread (never
+    in a request) every `upload_s` seconds and at `close`; a failed upload is logged and retried.
     """
 
-    def __init__(self, root: Path, max_mb: float, max_age_days: float, flush_s: float = 1.0, flush_n: int = 256):
+    def __init__(self, root: Path, max_mb: float, max_age_days: float, flush_s: float = 1.0, flush_n: int = 256,
+                 upload_url: str | None = None, upload_s: float = 30.0):
         self.root, self.max_bytes, self.max_age = root, int(max_mb * 2**20), timedelta(days=max_age_days)
         self.part_bytes = max(self.max_bytes // PARTS_PER_BUDGET, 1)
         self.prune_bytes = max(self.max_bytes // PRUNE_SHARE, 1)
         self.flush_s, self.flush_n = flush_s, flush_n
+        self.upload_url, self.upload_s = upload_url, upload_s
+        self._store = store_of(upload_url) if upload_url else None  # an unusable URL fails here, at the start
+        self.writer = writer_name(root)
+        self.dirty: set[Path] = set()  # parts appended to since their last upload
+        self._last_upload = float("-inf")
         self._buffer: dict[str, list[str]] = {}
         self._count = 0
         self._parts: dict[str, tuple[str, Path]] = {}  # kind -> (hour, part being written)
         self.bytes_written = 0  # since the start, for the record
+        self.bytes_uploaded = 0
         self._written, self._last_prune = 0, float("-inf")  # since the last prune (the first flush prunes)
         self._lock = threading.Lock()  # the buffer
         self._io = threading.Lock()  # the files: one flush at a time
+        self._shipping = threading.Lock()  # one upload at a time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
         self._thread.start()
@@ -266,6 +315,8 @@ class RecordWriter:
                     path = self._part(kind, now)
                     with path.open("ab", buffering=0) as handle:  # one write: whole lines beside other servers'
                         handle.write(data)
+                    if self._store:
+                        self.dirty.add(path)
                     self._written += len(data)
                     self.bytes_written += len(data)
                 if self._written >= self.prune_bytes or time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
@@ -273,6 +324,37 @@ class RecordWriter:
                     prune(self.root, self.max_bytes, self.max_age, now)
             except OSError as error:  # a full disk must not take the server down
                 log.error("writing records under %s failed: %s", self.root, error)
+
+    def upload(self) -> None:
+        """Ship each part appended to since its last upload, whole (one PUT: atomic, overwriting
+        the earlier upload of a growing part); a failure is logged, the part left for the next try."""
+        if not self._store:
+            return
+        fs, base = self._store
+        with self._shipping:
+            self._last_upload = time.monotonic()
+            with self._io:
+                dirty, self.dirty = sorted(self.dirty), set()
+            for number, path in enumerate(dirty):
+                try:
+                    self.bytes_uploaded += self._ship(fs, f"{base}/{self.writer}/{path.relative_to(self.root).as_posix()}", path)
+                except Exception as error:  # noqa: BLE001 - a store failure must not take the server down
+                    log.error("uploading records to %s failed: %s", redact(self.upload_url),
+                              redact(f"{type(error).__name__}: {error}")[:300])
+                    with self._io:
+                        self.dirty.update(dirty[number:])
+                    return
+
+    def _ship(self, fs, key: str, path: Path) -> int:
+        try:
+            with self._io:  # never half a write of this writer's
+                data = path.read_bytes()
+        except FileNotFoundError:  # pruned meanwhile: nothing left to ship
+            return 0
+        if is_local(fs):
+            fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(key, data)
+        return len(data)
 
     def _part(self, kind: str, now: datetime) -> Path:
         hour = f"{now:%Y-%m-%d %H}"
@@ -287,10 +369,13 @@ class RecordWriter:
         self._stop.set()
         self._thread.join(timeout=5)
         self.flush()
+        self.upload()
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
             self.flush()
+            if time.monotonic() - self._last_upload >= self.upload_s:
+                self.upload()
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -317,28 +402,60 @@ def parse_line(line: bytes, kind: str) -> tuple[dict, datetime]:
     return record | {"time": stamp.isoformat()}, stamp
 
 
-def read_window(root: Path, kind: str, start: datetime, end: datetime) -> Window:
+def store_files(url: str, kind: str, hours: list[datetime]) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, read) of the files of `hours` in a store, directly under it and in each writer's
+    folder; the listings are fresh (a monitor reads a growing store again and again)."""
+    fs, root = store_of(url)
+    fs.invalidate_cache()
+    try:
+        bases = [root] + [entry["name"].rstrip("/") for entry in fs.ls(root, detail=True)
+                          if entry["type"] == "directory" and entry["name"].rstrip("/").rsplit("/", 1)[-1] not in SCHEMAS]
+    except FileNotFoundError:
+        return
+    days: dict[tuple[str, str], list[str]] = {}
+    for hour in hours:
+        day, prefix = f"{hour:%Y-%m-%d}", f"{hour:%H}"
+        found = []
+        for base in bases:
+            if (base, day) not in days:
+                try:
+                    days[base, day] = fs.ls(f"{base}/{kind}/{day}", detail=False)
+                except FileNotFoundError:
+                    days[base, day] = []
+            found += [(key, path) for path in days[base, day] if (key := sort_key(Path(path))) and key[1] == prefix]
+        for _, path in sorted(found):
+            yield fs.unstrip_protocol(path), lambda path=path: fs.cat_file(path)
+
+
+def read_window(root: Path | str, kind: str, start: datetime, end: datetime) -> Window:
     """Valid records of `kind` with start <= time < end (time in UTC); bad lines and files are
-    reported as "path:line: reason" and skipped, never fatal."""
+    reported as "path:line: reason" and skipped, never fatal.
+
+    `root`: a local folder (a Path), or a store (a URL or path text: `records.url`, read with fsspec).
+    """
     if kind not in SCHEMAS:
         raise ValueError(f"unknown record kind '{kind}': one of {sorted(SCHEMAS)}")
-    records, unreadable = [], []
-    hour = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    hours, hour = [], start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     while hour <= end:  # one hour past: a file is named by when its buffer was flushed
-        paths = hour_files(root, kind, hour)
+        hours.append(hour)
         hour += timedelta(hours=1)
-        for path in paths:
+    if isinstance(root, Path):
+        files = ((str(path), path.read_bytes) for each in hours for path in hour_files(root, kind, each))
+    else:
+        files = store_files(root, kind, hours)
+    records, unreadable = [], []
+    for name, read in files:
+        try:
+            lines = read().splitlines()
+        except Exception as error:  # noqa: BLE001 - a store may raise anything; an unreadable file is reported
+            unreadable.append(f"{name}: {type(error).__name__}: {error}")
+            continue
+        for number, line in enumerate(lines, 1):
             try:
-                lines = path.read_bytes().splitlines()
-            except OSError as error:
-                unreadable.append(f"{path}: {type(error).__name__}: {error}")
+                record, stamp = parse_line(line, kind)
+            except ValueError as error:
+                unreadable.append(f"{name}:{number}: {error}")
                 continue
-            for number, line in enumerate(lines, 1):
-                try:
-                    record, stamp = parse_line(line, kind)
-                except ValueError as error:
-                    unreadable.append(f"{path}:{number}: {error}")
-                    continue
-                if start <= stamp < end:
-                    records.append(record)
+            if start <= stamp < end:
+                records.append(record)
     return Window(records, unreadable)

@@ -307,7 +307,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: cannot load challenger {args.model} ({args.challenger_version}): {type(error).__name__}: {error}")
     records = None
     if records_config is not None:
-        records = RecordWriter(records_config.dir, records_config.max_mb, records_config.max_age_days)
+        try:
+            records = RecordWriter(records_config.dir, records_config.max_mb, records_config.max_age_days,
+                                   upload_url=records_config.url, upload_s=records_config.upload_s)
+        except ValueError as error:
+            sys.exit(f"error: {error}")
     capture = CaptureWriter.from_config(settings.capture)
     try:
         app = create_app(served, settings, token, records, capture, challenger)
