@@ -37,6 +37,7 @@ from mlops.registry import Registry
 
 TOKEN_FILE = "production-token"  # in the workspace, readable by its owner only
 HELD_OUT_SEED = 7  # the brightened test split: the same images before and after
+RETRAIN_TIMEOUT_S = 1800  # a retraining build a worker runs (monitor.retrain through the deployment)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,31 @@ def production_variables(workspace: Path) -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in defaults.items()} | {"MLOPS_API_TOKEN": token}
 
 
+def shared_stores() -> list[str]:
+    """Overrides that put every environment of the demo on the stores of the production variables:
+    the workspace's by default (what env=test uses anyway), a server's when they name one
+    (`source workspace/stack/production.env` after `deployments/stack.sh start --production`)."""
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    stores = [f"mlflow.tracking_uri={uri}", f"dvc.remote={os.environ['DVC_REMOTE_URL']}"]
+    if uri.startswith(("http://", "https://")):  # the server keeps the artifacts (its bucket), unless told otherwise
+        stores.append(f"mlflow.artifact_location={os.environ.get('MLFLOW_ARTIFACT_URI') or 'null'}")
+    return stores
+
+
+def wait_for_run(run_id: str, timeout_s: float = RETRAIN_TIMEOUT_S) -> str:
+    """The final state type of a flow run a worker runs ("COMPLETED", "FAILED", ...); "TIMEOUT" past `timeout_s`."""
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.is_final():
+                return state.type.value
+            time.sleep(2)
+    return "TIMEOUT"
+
+
 def approve(production: list[str]) -> None:
     """What a reviewer does before each release (production's `deploy.approval: manual`)."""
     deploy(env="production", overrides=[*production, "action=approve", "reviewer=demo",
@@ -108,7 +134,7 @@ def demo(
     logger = get_run_logger()
     root = Path(workspace).resolve()
     os.environ.update(production_variables(root))
-    common = [f"paths.workspace={root}", *(overrides or [])]
+    common = [f"paths.workspace={root}", *shared_stores(), *(overrides or [])]
     known = {o for flow in ("build", "deploy", "monitor") for o in overrides_for(flow, common)}
     unknown = [o for o in common if o not in known]
     if unknown:
@@ -140,12 +166,19 @@ def demo(
         verify = processes.read_live(config.paths.deploy).verify
         drifted = traffic.replay(released.url, seen, drift="brightness", feedback_share=0.8, token=token, seed=1, verify=verify)
         summary["traffic"] = f"drifted: {drifted.summary()}"
-        time.sleep(1.5)  # the server flushes its records every second
+        # the server flushes its records every second, and ships them every records.upload_s to records.url
+        time.sleep(1.5 + (config.records.upload_s if config.records.url else 0.0))
 
         watched = monitor(env="production", overrides=[*overrides_for("monitor", common), "monitor.window=30m"])
         summary["monitor"] = f"{watched.outcome}: {', '.join(watched.breaches) or 'no breach'}; report {watched.report}"
         summary["alerts"] = ", ".join(watched.alerts_sent) or "none"
         retrained = watched.retrain
+        if retrained and retrained.started and retrained.started != "in-process":  # a worker runs the build
+            logger.info("waiting for the retraining build %s (a worker runs it)", retrained.started)
+            retrained.state = wait_for_run(retrained.started)
+            candidate = Registry(config.mlflow).alias(config.mlflow.candidate_alias)
+            if retrained.state == "COMPLETED" and candidate is not None:
+                retrained.model_version = candidate.version
         summary["retrain"] = (f"{retrained.started}, {retrained.state}, model version {retrained.model_version}"
                               f" ({retrained.labelled} labelled production images)"
                               if retrained and retrained.started else f"not started: {retrained.note if retrained else ''}")
