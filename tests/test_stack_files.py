@@ -402,7 +402,7 @@ def test_github_workflow():
 
 
 def run_stack(command: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(STACK), command], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(["bash", str(STACK), *command.split()], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_stack_script_syntax():
@@ -503,3 +503,13 @@ def test_stack_start_status_stop_with_stand_ins(tmp_path):
     assert stopped.stdout.count("stopped (pid") == 3
     assert run_stack("status", env).stdout.count("not running") == 3
     assert not list((workspace / "stack").glob("*.pid"))
+
+
+def test_stack_production_without_postgresql_says_what_to_install(tmp_path):
+    env = os.environ | {"MLOPS_WORKSPACE": str(tmp_path / "ws"), "PG_BIN": str(tmp_path / "nowhere")}
+    result = run_stack("start --production", env)
+    assert result.returncode == 1
+    assert "PostgreSQL is not installed" in result.stderr and "apt-get install -y postgresql" in result.stderr
+    assert not list((tmp_path / "ws" / "stack").glob("*.pid")), "nothing may be left running"
+    bad = run_stack("start --prod", env)
+    assert bad.returncode == 2 and "usage:" in bad.stderr
