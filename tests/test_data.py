@@ -1,13 +1,24 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 from conftest import write_image
+from PIL import Image
 
 from mlops.config import DataConfig
-from mlops.data.ingest import DataError, load_prepared, materialize_digits, prepare_dataset
+from mlops.data.ingest import (
+    DataError,
+    _decoded_facts,
+    image_facts,
+    load_prepared,
+    materialize_digits,
+    prepare_dataset,
+    record_path,
+)
 
 
 def data_config(path: Path, **changes) -> DataConfig:
@@ -146,3 +157,95 @@ def test_digits_ship_with_scikit_learn_as_png_class_folders(tmp_path):
     root = materialize_digits(tmp_path / "digits")
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [str(d) for d in range(10)]
     assert sum(1 for _ in root.rglob("*.png")) == 1797
+
+
+# -- re-runs: the record beside the prepared dataset ---------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """The names of the files PIL opens from now on."""
+    names, real = [], Image.open
+
+    def spy(fp, *args, **kwargs):
+        names.append(Path(fp).name)
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", spy)
+    return names
+
+
+def test_the_fast_check_agrees_with_the_full_decode_on_every_failure_mode(broken_folder):
+    for path in sorted(p for p in broken_folder.rglob("*") if p.is_file() and p.stat().st_size):
+        assert tuple(image_facts(path)) == tuple(_decoded_facts(path)), path.name
+
+
+def test_an_unchanged_source_opens_no_image_and_writes_nothing(broken_folder, tmp_path, monkeypatch):
+    config, workspace, out = data_config(broken_folder), tmp_path / "ws", tmp_path / "out"
+    first = prepare_dataset(config, 7, workspace, out)
+    before = snapshot(out)
+    quarantine = workspace / "quarantine" / "pets"
+    shutil.rmtree(quarantine)  # written again all the same, from the manifest
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr(Image, "open", refuse)
+    again = prepare_dataset(config, 7, workspace, out)
+    assert snapshot(out) == before
+    assert (again.counts, again.rejected, again.capped, again.classes) == (first.counts, first.rejected, first.capped, first.classes)
+    assert list(again.counts) == list(first.counts)  # train, val, test: as a fresh run orders them
+    assert {f"{r.kind}/{r.path}" for r in again.rejected} == {
+        str(p.relative_to(quarantine)) for p in quarantine.rglob("*") if p.is_file() and p.name != "report.json"}
+
+
+def test_a_changed_file_is_read_again_and_only_it(image_folder, tmp_path, opened):
+    config, workspace = data_config(image_folder), tmp_path / "ws"
+    prepare_dataset(config, 7, workspace, tmp_path / "out")
+    cut = image_folder / "cat" / "03.jpg"
+    cut.write_bytes(cut.read_bytes()[:200])  # other bytes, other size
+    touched = image_folder / "dog" / "05.jpg"
+    stat = touched.stat()
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the same bytes, a new modification time
+    opened.clear()
+    prepared = prepare_dataset(config, 7, workspace, tmp_path / "out")
+    assert sorted(set(opened)) == ["03.jpg", "05.jpg"]
+    assert [(r.path, r.kind) for r in prepared.rejected] == [("cat/03.jpg", "corrupt")]
+    # the same dataset as a first run on this source
+    fresh = prepare_dataset(config, 7, tmp_path / "ws2", tmp_path / "fresh")
+    assert {k: v[0] for k, v in snapshot(tmp_path / "out").items()} == {k: v[0] for k, v in snapshot(tmp_path / "fresh").items()}
+    assert fresh.rejected == prepared.rejected
+
+
+def test_other_settings_or_a_changed_dataset_folder_make_it_again_without_reading_images(image_folder, tmp_path, opened):
+    workspace, out = tmp_path / "ws", tmp_path / "out"
+    prepare_dataset(data_config(image_folder), 7, workspace, out)
+    opened.clear()
+    other_seed = prepare_dataset(data_config(image_folder), 8, workspace, out)
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 8
+    assert [p.name for p, _ in other_seed.files("test")] == [p.name for p, _ in prepare_dataset(
+        data_config(image_folder), 8, tmp_path / "ws2", tmp_path / "fresh").files("test")]
+    capped = prepare_dataset(data_config(image_folder, max_per_class=5), 8, workspace, out)
+    assert capped.capped == 14
+    stray = out / "train" / "cat" / "production-extra.png"  # what add_production or a checkout leaves
+    write_image(stray)
+    again = prepare_dataset(data_config(image_folder, max_per_class=5), 8, workspace, out)
+    assert not stray.exists() and again.counts == capped.counts
+    assert len(opened) == 24  # by the first run into `fresh` only, once per image
+    record_path(out).write_text("{not json")  # a damaged record: a first run
+    assert prepare_dataset(data_config(image_folder), 7, workspace, out).counts["train"] == {"cat": 8, "dog": 8}
+
+
+def test_a_source_that_fails_validation_fails_every_time(image_folder, tmp_path):
+    config = data_config(image_folder, validation={"min_images_per_class": 10})
+    prepare_dataset(config, 7, tmp_path / "ws", tmp_path / "out")
+    for index in range(3):
+        (image_folder / "cat" / f"{index:02d}.jpg").unlink()
+    for _ in range(2):  # not the dataset of the earlier, valid source
+        with pytest.raises(DataError, match="class 'cat': 9 valid images, minimum 10"):
+            prepare_dataset(config, 7, tmp_path / "ws", tmp_path / "out")

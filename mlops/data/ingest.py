@@ -3,13 +3,21 @@
 The prepared dataset is a directory `train/`, `val/`, `test/` (one folder per class each) plus
 `manifest.json`. Its bytes depend only on the source, the config and the seed, so the same
 inputs give the same DVC hash: the data version.
+
+Beside it, outside what DVC tracks, a record (`.<name>.ingest.json`) keeps what it was made from:
+every source file's path, size and modification time with what validation found in it, the
+settings and seed, and a digest of the prepared folder. An unchanged source with the same
+settings reads no image and writes nothing; a changed one reads only its new or changed files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,9 +25,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mlops.config import DataConfig, ValidationPolicy
-from mlops.data.layout import MARKER, SPLITS, scan_classes
+from mlops.data.layout import MARKER, SPLITS, scan_classes, tree_digest
 
 MANIFEST = "manifest.json"
+RECORD_FORMAT = 1  # of the record beside a prepared dataset: a record of another format is ignored
+THREADS = min(8, (os.cpu_count() or 1) + 2)  # Pillow decodes and the kernel copies without the GIL
 
 
 class DataError(ValueError):
@@ -107,20 +117,46 @@ def chosen_classes(found: dict[str, list[Path]], classes: list[str] | None, root
 # -- validation ----------------------------------------------------------------------------
 
 
-def inspect_image(path: Path, policy: ValidationPolicy) -> tuple[str, str] | None:
-    """None for a usable image, else (kind, detail)."""
-    if path.stat().st_size == 0:
-        return "empty", "0 bytes"
+def _decoded_facts(path: Path) -> tuple:
+    """Verify, then decode at full size: the reference check, and the words of every problem."""
     try:
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
             image.load()
-            mode, (width, height) = image.mode, image.size
+            return image.mode, image.size[0], image.size[1]
     except UnidentifiedImageError:
         return "unreadable", "not an image file PIL can identify"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return "corrupt", f"{type(error).__name__}: {error}"
+
+
+def image_facts(path: Path) -> tuple:
+    """What validation needs to know of one file: (kind, detail) of one that is empty, not an
+    image or corrupt; (mode, width, height) of an image that decodes.
+
+    A JPEG is decoded at 1/8 scale in the DCT domain (`Image.draft`): every byte of it is still
+    entropy-decoded, so a truncated or damaged file fails as at full size, in half the time. A JPEG
+    that fails, and every other format, gets the full verify-and-decode, which words the problem."""
+    if path.stat().st_size == 0:
+        return "empty", "0 bytes"
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                width, height = image.size
+                image.draft(None, (1, 1))
+                image.load()
+                return image.mode, width, height
+    except Exception:  # noqa: BLE001 - the full decode below finds the problem again and names it
+        pass
+    return _decoded_facts(path)
+
+
+def judge(facts: tuple | list, policy: ValidationPolicy) -> tuple[str, str] | None:
+    """None for a usable image, else (kind, detail), from the file's `image_facts`."""
+    if len(facts) == 2:
+        return facts[0], facts[1]
+    mode, width, height = facts
     if mode not in policy.allowed_modes:
         return "mode", f"mode {mode}, allowed {policy.allowed_modes}"
     if min(width, height) < policy.min_image_size:
@@ -128,19 +164,46 @@ def inspect_image(path: Path, policy: ValidationPolicy) -> tuple[str, str] | Non
     return None
 
 
+def inspect_image(path: Path, policy: ValidationPolicy) -> tuple[str, str] | None:
+    """None for a usable image, else (kind, detail)."""
+    return judge(image_facts(path), policy)
+
+
+def read_facts(root: Path, files: dict[str, list[Path]], known: dict[str, list]) -> dict[str, list]:
+    """relative path -> [size, mtime_ns, *image_facts] of every file. A file whose size and
+    modification time are those `known` holds is not read again; the others are read by a few
+    threads at once."""
+    entries, todo = {}, []
+    for paths in files.values():
+        for path in paths:
+            relative, stat = str(path.relative_to(root)), path.stat()
+            entries[relative] = [stat.st_size, stat.st_mtime_ns]
+            if known.get(relative, [])[:2] == entries[relative]:
+                entries[relative] += known[relative][2:]
+            else:
+                todo.append(relative)
+    with ThreadPoolExecutor(THREADS) as pool:
+        for relative, facts in zip(todo, pool.map(lambda relative: image_facts(root / relative), todo)):
+            entries[relative] += facts
+    return entries
+
+
 def validate_images(
-    root: Path, files: dict[str, list[Path]], policy: ValidationPolicy
+    root: Path, files: dict[str, list[Path]], policy: ValidationPolicy, facts: dict[str, list] | None = None
 ) -> tuple[dict[str, list[Path]], list[Rejected]]:
+    """The usable images per class and every rejected file; `facts` (`read_facts`) saves reading."""
+    facts = read_facts(root, files, {}) if facts is None else facts
     good: dict[str, list[Path]] = {}
     rejected: list[Rejected] = []
     for name, paths in files.items():
         good[name] = []
         for path in paths:
-            problem = inspect_image(path, policy)
+            relative = str(path.relative_to(root))
+            problem = judge(facts[relative][2:], policy)
             if problem is None:
                 good[name].append(path)
             else:
-                rejected.append(Rejected(str(path.relative_to(root)), *problem))
+                rejected.append(Rejected(relative, *problem))
     return good, rejected
 
 
@@ -193,26 +256,78 @@ def split_class(
     }, capped
 
 
-def prepare_dataset(data: DataConfig, seed: int, workspace: Path, dest: Path) -> Prepared:
-    """Ingest `data` into `dest` (replaced). Raises DataError listing every problem found."""
-    root = source_root(data, workspace)
-    good, rejected = validate_images(root, chosen_classes(scan_class_folders(root), data.classes, root), data.validation)
-    if rejected and data.validation.policy == "fail":
-        raise DataError(
-            f"{len(rejected)} invalid images in {root} (data.validation.policy=fail)",
-            [f"{r.path}: {r.kind} ({r.detail})" for r in rejected],
-        )
-    problems = check_classes(good, data.validation)
-    if problems:
-        raise DataError(f"data {root} does not meet data.validation", problems)
-    folder = workspace / "quarantine" / data.name
+def record_path(dest: Path) -> Path:
+    """The record of what the prepared dataset `dest` was made from: beside it, not in it."""
+    return dest.parent / f".{dest.name}.ingest.json"
+
+
+def _read_record(dest: Path) -> dict:
+    try:
+        record = json.loads(record_path(dest).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else {}
+
+
+def _write_record(dest: Path, root: Path, inputs: str, facts: dict[str, list], dataset: str | None) -> None:
+    """`dataset` None: a record of the files' facts only, for a run that stopped before writing."""
+    path = record_path(dest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"format": RECORD_FORMAT, "root": str(root), "inputs": inputs, "dataset": dataset, "files": facts}
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(record, separators=(",", ":")))
+    temporary.replace(path)
+
+
+def _inputs(data: DataConfig, seed: int, root: Path) -> str:
+    """A digest of every setting that shapes the prepared dataset, and the seed."""
+    settings = data.model_dump(mode="json", exclude={"name", "version", "input_size", "mean", "std", "production", "holdout"})
+    text = json.dumps({"data": settings, "seed": seed, "root": str(root)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _requarantine(root: Path, rejected: list[Rejected], folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)  # copies of an earlier run's rejects: the folder shows this run's only
     if rejected:
         quarantine(root, rejected, folder)
 
+
+def prepare_dataset(data: DataConfig, seed: int, workspace: Path, dest: Path) -> Prepared:
+    """Ingest `data` into `dest` (replaced). Raises DataError listing every problem found.
+
+    When the source's files (path, size, modification time), the settings and the seed are those
+    recorded beside `dest`, and `dest` is as that run left it, nothing is read or written but
+    the quarantine folder: `dest` is the dataset this call would write."""
+    root = source_root(data, workspace)
+    files = chosen_classes(scan_class_folders(root), data.classes, root)
+    inputs, record = _inputs(data, seed, root), _read_record(dest)
+    facts = read_facts(root, files, record["files"] if record.get("root") == str(root) else {})
+    unchanged = record.get("inputs") == inputs and facts == record["files"]
+    if unchanged and record["dataset"] is not None and record["dataset"] == tree_digest(dest):
+        prepared = load_prepared(dest)
+        prepared.counts = {split: prepared.counts[split] for split in SPLITS if split in prepared.counts} | prepared.counts
+        _requarantine(root, prepared.rejected, workspace / "quarantine" / data.name)
+        return prepared
+
+    good, rejected = validate_images(root, files, data.validation, facts)
+    try:
+        if rejected and data.validation.policy == "fail":
+            raise DataError(
+                f"{len(rejected)} invalid images in {root} (data.validation.policy=fail)",
+                [f"{r.path}: {r.kind} ({r.detail})" for r in rejected],
+            )
+        problems = check_classes(good, data.validation)
+        if problems:
+            raise DataError(f"data {root} does not meet data.validation", problems)
+    except DataError:
+        _write_record(dest, root, inputs, facts, None)  # what was read is not read again once the data is fixed
+        raise
+    _requarantine(root, rejected, workspace / "quarantine" / data.name)
+
     classes = sorted(good)
     counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     capped = 0
+    copies: list[tuple[Path, Path]] = []
     if dest.exists():
         shutil.rmtree(dest)
     for name in classes:
@@ -221,9 +336,11 @@ def prepare_dataset(data: DataConfig, seed: int, workspace: Path, dest: Path) ->
         for split, paths in parts.items():
             folder = dest / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            for path in paths:
-                shutil.copyfile(path, folder / "__".join(path.relative_to(root / name).parts))
+            copies += [(path, folder / "__".join(path.relative_to(root / name).parts)) for path in paths]
             counts[split][name] = len(paths)
+    with ThreadPoolExecutor(THREADS) as pool:
+        for _ in pool.map(lambda copy: shutil.copyfile(*copy), copies):
+            pass
 
     manifest = {
         "source": data.source,
@@ -238,6 +355,7 @@ def prepare_dataset(data: DataConfig, seed: int, workspace: Path, dest: Path) ->
         "rejected": [asdict(r) for r in rejected],
     }
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _write_record(dest, root, inputs, facts, tree_digest(dest))
     return Prepared(dest, classes, counts, rejected, capped)
 
 

@@ -3,10 +3,15 @@
 The DVC project lives in its own directory (no git needed, `--no-scm`); each dataset is one
 tracked directory `datasets/<name>`. `commit_dataset` adds and pushes it to the remote;
 `checkout_dataset` brings back any version the cache or the remote holds.
+
+Beside each dataset a record (`.<name>.committed.json`) keeps the version it was last committed
+as, the remote, and a digest of its files' paths, sizes and modification times: a dataset that
+has not changed since, whose version the cache and the remote still hold, is not hashed again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,7 +19,7 @@ import yaml
 
 from mlops.config import DvcConfig
 from mlops.data.ingest import Prepared, load_prepared
-from mlops.data.layout import dataset_dir
+from mlops.data.layout import dataset_dir, tree_digest
 
 REMOTE_NAME = "store"
 
@@ -42,13 +47,35 @@ def open_repo(repo_dir: Path, remote: str):
 
 
 def commit_dataset(repo_dir: Path, remote: str, name: str) -> str:
-    """Track `datasets/<name>` and push it; returns its version (the DVC directory hash)."""
-    repo = open_repo(repo_dir, remote)
+    """Track `datasets/<name>` and push it; returns its version (the DVC directory hash).
+
+    Nothing is hashed or copied when the dataset's files are as at its last commit, its `.dvc`
+    file names that version, and the cache and the remote hold its directory object (DVC's own
+    push takes a directory whose object the remote has as whole)."""
     target = dataset_dir(repo_dir, name)
+    record_file = target.parent / f".{name}.committed.json"
+    digest = tree_digest(target)  # before `add`: a file changed meanwhile is seen next time
+    repo = open_repo(repo_dir, remote)
     with repo:
+        try:
+            record = json.loads(record_file.read_text())
+            known = record["version"] if record == {"version": read_version(target), "remote": remote, "dataset": digest} else None
+        except (OSError, ValueError, KeyError, TypeError, IndexError, yaml.YAMLError):
+            known = None
+        if known is not None and _stored(repo, known):
+            return known
+        record_file.unlink(missing_ok=True)
         repo.add([str(target)])
         repo.push(targets=[str(target) + ".dvc"])
-    return read_version(target)
+    version = read_version(target)
+    record_file.write_text(json.dumps({"version": version, "remote": remote, "dataset": digest}))
+    return version
+
+
+def _stored(repo, version: str) -> bool:
+    """Whether the local cache and the default remote hold the directory object of `version`."""
+    oid = f"{version}.dir"
+    return repo.cache.local.exists(oid) and repo.cloud.get_remote_odb(REMOTE_NAME).exists(oid)
 
 
 def read_version(target: Path) -> str:

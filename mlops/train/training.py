@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models import get_model
 
-from mlops.config import BuildConfig, ModelConfig
+from mlops.config import BuildConfig, ModelConfig, TrainConfig
 from mlops.data.ingest import Prepared
 from mlops.serve.inference import ModelSpec, load_array
 
@@ -130,23 +130,26 @@ def trainer_settings(config: BuildConfig) -> dict:
     }
 
 
+def data_loader(files: list[tuple[Path, int]], spec: ModelSpec, t: TrainConfig, train: bool) -> DataLoader:
+    """The training input pipeline of one split: shuffled (and flipped, with `train.hflip`) for
+    training, `train.num_workers` data-loader processes."""
+    return DataLoader(
+        ImageDataset(files, spec, hflip=t.hflip and train),
+        batch_size=t.batch_size,
+        shuffle=train,
+        num_workers=t.num_workers,
+        persistent_workers=t.num_workers > 0,
+        # forked workers inherit the flow engine's threads and die at shutdown; spawn is clean
+        multiprocessing_context="spawn" if t.num_workers > 0 else None,
+    )
+
+
 def train(config: BuildConfig, data: Prepared, workdir: Path, logger=None) -> Trained:
     """Fit the configured network on `data` (train/val splits); `logger` is a Lightning logger."""
     pl.seed_everything(config.seed, workers=True, verbose=False)
     spec = model_spec(config, data.classes)
     t = config.train
-    loaders = {
-        split: DataLoader(
-            ImageDataset(data.files(split), spec, hflip=t.hflip and split == "train"),
-            batch_size=t.batch_size,
-            shuffle=split == "train",
-            num_workers=t.num_workers,
-            persistent_workers=t.num_workers > 0,
-            # forked workers inherit the flow engine's threads and die at shutdown; spawn is clean
-            multiprocessing_context="spawn" if t.num_workers > 0 else None,
-        )
-        for split in ("train", "val")
-    }
+    loaders = {split: data_loader(data.files(split), spec, t, train=split == "train") for split in ("train", "val")}
     module = Classifier(build_network(config.model, len(data.classes)), t.optimizer, t.learning_rate, t.weight_decay)
     trainer = pl.Trainer(**trainer_settings(config), logger=logger if logger is not None else False, default_root_dir=str(workdir))
     trainer.fit(module, loaders["train"], loaders["val"])
