@@ -70,13 +70,18 @@ def test_build_registers_a_candidate_with_its_lineage(first_build, workspace):
     assert gate_report(client, run.info.run_id)["sections"]["gate"][-1]["verdict"] == "skipped"
 
 
-def test_registered_model_loads_with_mlflow_onnx_flavour(first_build, workspace):
+def test_registered_model_loads_with_mlflow_onnx_flavour(first_build, workspace, monkeypatch):
     import mlflow.onnx
 
     uri = f"sqlite:///{workspace}/mlflow.db"
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI: monkeypatch takes it back after the test
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_registry_uri(uri)
     mlflow.set_tracking_uri(uri)
     model = mlflow.onnx.load_model(f"models:/{MODEL}@candidate")
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
     keys = {p.key for p in model.metadata_props}
     assert "mlops.spec" in keys
 

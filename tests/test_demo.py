@@ -44,6 +44,8 @@ def run(tmp_path_factory):
     workspace = root / "ws"
     saved, logged = dict(os.environ), Messages()
     logging.getLogger("prefect.flow_runs").addHandler(logged)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_REMOTE_URL", "MLOPS_WORKSPACE"):
+        os.environ.pop(name, None)  # the demo's stores are the workspace's, whatever an earlier test set
     try:
         summary = demo(
             workspace=str(workspace), port=deployment.free_port("127.0.0.1"),
