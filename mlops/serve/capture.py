@@ -56,7 +56,7 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlops.config.serve import CaptureConfig
-from mlops.serve.records import Time, validation_problem
+from mlops.serve.records import Time, is_local, redact, store_of, validation_problem
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ OUTCOMES = ("stored", "sampled_out", "dropped_queue_full", "dropped_budget", "fa
 PRUNE_EVERY_S = 60.0  # the age limit is checked this often
 RESCAN_EVERY_S = 600.0  # the store is listed again this often (other servers' captures)
 LOG_EVERY_S = 60.0  # a kind of problem is logged at most this often
+CAPTURE_URL = "serve.capture.url"  # what errors about the store name
 REQUEST_ID = r"[A-Za-z0-9_-]{1,64}"  # a request id as captures store it: their file names
 KEY = re.compile(rf"(?P<day>\d{{4}}-\d{{2}}-\d{{2}})/(?P<hour>\d{{2}})/(?P<id>{REQUEST_ID})\.(?P<ext>[a-z]{{3,4}})")
 MAGIC = (  # first bytes -> suffix, for the formats the server may be configured to read
@@ -96,11 +97,6 @@ def image_suffix(data: bytes) -> str:
 def capture_key(when: datetime, request_id: str) -> str:
     """The path of a capture under the store, without its suffix: "<YYYY-MM-DD>/<HH>/<request id>"."""
     return f"{when.astimezone(UTC):%Y-%m-%d/%H}/{request_id}"
-
-
-def redact(text: str) -> str:
-    """`text` with the user part of any URL in it (user:password@) hidden, for logs."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
 
 
 def to_free(sizes: Iterable[int], total: int, incoming: int, max_bytes: int) -> int | None:
@@ -157,23 +153,6 @@ def expired(index: Iterable[Stored], now: datetime, max_age: timedelta) -> int:
 # -- writing --------------------------------------------------------------------------------
 
 
-def store_of(url: str):
-    """(fsspec filesystem, root path) of a capture URL; ValueError naming the URL if unusable."""
-    from fsspec.core import url_to_fs
-
-    try:
-        fs, root = url_to_fs(url)
-    except (ImportError, ValueError) as error:  # an unknown protocol; its package not installed
-        raise ValueError(f"serve.capture.url {redact(url)}: {error}") from None
-    return fs, root.rstrip("/")
-
-
-def is_local(fs) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
 @dataclass
 class Pending:
     key: str
@@ -212,7 +191,7 @@ class CaptureWriter:
         self, url: str, sample_rate: float, max_mb: float, max_age_days: float, max_queue_mb: float = 16.0,
         start: bool = True,
     ):
-        self.fs, self.root = store_of(url)
+        self.fs, self.root = store_of(url, CAPTURE_URL)
         self.url, self.sample_rate = redact(url), sample_rate
         self.max_bytes, self.max_age = int(max_mb * 2**20), timedelta(days=max_age_days)
         self.max_queue_bytes = int(max_queue_mb * 2**20)
@@ -486,7 +465,7 @@ def read_captures(url: str, start: datetime | None = None, end: datetime | None 
     """The captures under `url` with start <= time < end (aware datetimes; None: unbounded), by
     time. Sidecars that cannot be read or are not valid (`CaptureRecord`), and those whose image
     is missing, are reported as "path: reason" and skipped, never fatal."""
-    fs, root = store_of(url)
+    fs, root = store_of(url, CAPTURE_URL)
     try:
         listing = fs.find(root, detail=True)
     except FileNotFoundError:

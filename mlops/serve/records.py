@@ -242,14 +242,15 @@ def redact(text: str) -> str:
     return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
 
 
-def store_of(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, root path) of a records store; ValueError naming the URL if unusable."""
+def store_of(url: str, what: str = "records store") -> tuple[Any, str]:
+    """(fsspec filesystem, root path) of a store (records, captures); ValueError naming `what`
+    and the URL if unusable."""
     from fsspec.core import url_to_fs
 
     try:
         fs, root = url_to_fs(url)
     except (ImportError, ValueError) as error:  # an unknown protocol; its package not installed
-        raise ValueError(f"records store {redact(url)}: {error}") from None
+        raise ValueError(f"{what} {redact(url)}: {error}") from None
     return fs, root.rstrip("/")
 
 

@@ -33,7 +33,7 @@ from mlops.config.serve import TlsConfig, default_serve_config
 from mlops.registry import cached_model
 from mlops.deploy.canary import Role
 from mlops.serve.app import Challenger, ServedModel, create_app
-from mlops.serve.capture import CaptureWriter, store_of
+from mlops.serve.capture import CAPTURE_URL, CaptureWriter, store_of
 from mlops.serve.inference import OnnxClassifier
 from mlops.serve.records import RecordWriter
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     try:  # what can be checked in a moment, before the model is downloaded
         check_tls(settings.tls)
         if settings.capture.enabled and settings.capture.url:
-            store_of(settings.capture.url)  # its protocol's package is installed
+            store_of(settings.capture.url, CAPTURE_URL)  # its protocol's package is installed
         sockets = [listen_on(settings.host, settings.port, args.reuse_port, "serve.port")]
         if args.admin_port:
             sockets.append(listen_on(settings.host, args.admin_port, False, "--admin-port"))
