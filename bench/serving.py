@@ -1,11 +1,17 @@
 """Serving throughput and latency: our model server, `mlflow models serve` and in-process ONNX Runtime.
 
-    python bench/serving.py [--concurrency 8] [--seconds 10] [--batch 32]
+    python bench/serving.py [--concurrency 8] [--seconds 10] [--batch 32] [--models 32,128,224,m128,m224]
 
-One run builds a model (the build flow, env=test, 1 epoch, in a temporary workspace) and serves
-the same registered version, `digits@candidate`, three ways:
+One run builds each model (the build flow, env=test, 1 epoch, in one temporary workspace) and
+serves each registered version three ways. The models (`--models` picks some):
 
-1. our server, `python -m mlops.serve`: the client posts the PNG bytes of the test images
+- `32`: ResNet-18 at 32 px, fed the digits' test PNGs as they are (small images);
+- `128`, `224`: ResNet-18 at 128 and 224 px, and `m128`, `m224`: MobileNetV3 (small) at 128 and
+  224 px, fed what a camera sends: the digits' test images as 640x480 JPEGs (quality 90).
+
+The three ways:
+
+1. our server, `python -m mlops.serve`: the client posts the image bytes
    (`/predict`, or `/predict/batch` with one multipart part per image);
 2. `mlflow models serve` (MLflow's ONNX flavour, `--env-manager local`): MLflow cannot take image
    bytes, so its client sends the preprocessed float32 tensors as JSON, `{"inputs": [...]}` of
@@ -46,35 +52,53 @@ from PIL import Image
 from mlops.data.layout import dataset_dir
 
 MODEL = "digits"
-ALIAS = "candidate"
 WARMUP_SECONDS = 1.0
 READY_TIMEOUT_S = 120.0
+CAMERA = (640, 480)  # what the 128 and 224 px models are fed, as JPEG
+MODELS = {  # --models key: (torchvision model, input px, what the clients send)
+    "32": ("resnet18", 32, "png"),
+    "128": ("resnet18", 128, "jpeg"),
+    "224": ("resnet18", 224, "jpeg"),
+    "m128": ("mobilenet_v3_small", 128, "jpeg"),
+    "m224": ("mobilenet_v3_small", 224, "jpeg"),
+}
 
 
 # -- set-up --------------------------------------------------------------------------------
 
 
-def build_model(workspace: Path) -> str:
-    """Run the build flow into `workspace`; returns the tracking URI of its registry."""
+def build_model(workspace: Path, name: str, size: int) -> str:
+    """Run the build flow into `workspace`; returns the version it registered."""
     from flows.build import build
 
     state = build(
         env="test",
-        overrides=[f"paths.workspace={workspace}", "train.progress_bar=false", "train.max_epochs=1"],
+        overrides=[f"paths.workspace={workspace}", "train.progress_bar=false", "train.max_epochs=1",
+                   f"model={name}", f"data.input_size={size}", "force=true",
+                   # one epoch serves as well as ten: the gate must not stop a model built to be timed
+                   "gate.min_accuracy=0", "gate.min_class_recall=0", "gate.max_recall_gap=1"],
         return_state=True,
     )
     if not state.is_completed():
         raise SystemExit(f"build failed: {state.message}")
-    return f"sqlite:///{workspace}/mlflow.db"
+    return state.result().version
 
 
-def download_onnx(tracking_uri: str, dest: Path) -> Path:
+def download_onnx(tracking_uri: str, version: str, dest: Path) -> Path:
     from mlflow import MlflowClient
 
     from mlops.registry import download_model
 
     client = MlflowClient(tracking_uri, tracking_uri)
-    return download_model(client, client.get_model_version_by_alias(MODEL, ALIAS).run_id, dest)
+    return download_model(client, client.get_model_version(MODEL, version).run_id, dest)
+
+
+def camera_jpeg(png: bytes) -> bytes:
+    """A digit as a camera would send it: 640x480 RGB, JPEG quality 90."""
+    image = Image.open(io.BytesIO(png)).convert("RGB").resize(CAMERA, Image.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 def free_port() -> int:
@@ -128,14 +152,14 @@ def groups(items: list, size: int, count: int) -> list[list]:
     return [[items[(i * size + j) % len(items)] for j in range(size)] for i in range(count)]
 
 
-def our_single(pngs: list[bytes]) -> list[tuple]:
-    return [("/predict", png, {"content-type": "image/png"}, 1) for png in pngs]
+def our_single(images: list[bytes], kind: str) -> list[tuple]:
+    return [("/predict", image, {"content-type": f"image/{kind}"}, 1) for image in images]
 
 
-def our_batch(pngs: list[bytes], size: int) -> list[tuple]:
+def our_batch(images: list[bytes], size: int, kind: str) -> list[tuple]:
     requests = []
-    for group in groups(pngs, size, count=10):
-        files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(group)]
+    for group in groups(images, size, count=10):
+        files = [("files", (f"{i}.{kind}", image, f"image/{kind}")) for i, image in enumerate(group)]
         request = httpx.Request("POST", "http://127.0.0.1/predict/batch", files=files)
         requests.append(("/predict/batch", request.read(), {"content-type": request.headers["content-type"]}, size))
     return requests
@@ -150,9 +174,10 @@ def mlflow_single(arrays: list[np.ndarray]) -> list[tuple]:
 
 
 def mlflow_batch(arrays: list[np.ndarray], size: int) -> list[tuple]:
+    count = 10 if arrays[0].shape[-1] <= 64 else 2  # a batch of 32 at 224 px is ~100 MB of JSON
     return [
         ("/invocations", mlflow_body(group), {"content-type": "application/json"}, size)
-        for group in groups(arrays, size, count=10)
+        for group in groups(arrays, size, count=count)
     ]
 
 
@@ -260,14 +285,21 @@ def http_load(url: str, server_pid: int, requests: list[tuple], concurrency: int
     return summary(latencies, images, before, after, body_bytes)
 
 
-def in_process_load(model, pngs: list[bytes], size: int, seconds: float) -> dict:
-    """Decode, `image_to_array` and `logits` on `size` images per call, in this thread, for `seconds`."""
+def to_array(data: bytes, spec) -> np.ndarray:
+    """Decode as the server does (a JPEG at a reduced scale in the DCT domain), then `image_to_array`."""
     from mlops.serve.inference import image_to_array
 
-    batches = groups(pngs, size, count=10)
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (2 * spec.input_size, 2 * spec.input_size))
+    return image_to_array(image, spec)
+
+
+def in_process_load(model, images: list[bytes], size: int, seconds: float) -> dict:
+    """Decode, `image_to_array` and `logits` on `size` images per call, in this thread, for `seconds`."""
+    batches = groups(images, size, count=10)
 
     def call(batch: list[bytes]) -> None:
-        model.logits(np.stack([image_to_array(Image.open(io.BytesIO(png)), model.spec) for png in batch]))
+        model.logits(np.stack([to_array(data, model.spec) for data in batch]))
 
     warmup_end = time.perf_counter() + WARMUP_SECONDS
     while time.perf_counter() < warmup_end:
@@ -286,35 +318,50 @@ def in_process_load(model, pngs: list[bytes], size: int, seconds: float) -> dict
 # -- report --------------------------------------------------------------------------------
 
 
-def table(rows: list[tuple[str, str, dict]], ours: dict[str, dict], ceiling: dict[str, dict]) -> str:
+def table(rows: list[tuple[str, str, str, dict]], ours: dict[tuple, dict], ceiling: dict[tuple, dict]) -> str:
     lines = [
-        "| target | load | images/s | p50 ms | p95 ms | x ours | x ceiling | requests | KB/request"
+        "| model | target | load | images/s | p50 ms | p95 ms | x ours | x ceiling | requests | KB/request"
         " | bench CPU | server CPU | other CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for target, load, r in rows:
+    for model, target, load, r in rows:
         body = "-" if r["body_kb"] is None else f"{r['body_kb']:.1f}"
         server = "-" if r["server_cores"] is None else f"{r['server_cores']:.2f}"
         lines.append(
-            f"| {target} | {load} | {r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f}"
-            f" | {r['images_per_s'] / ours[load]['images_per_s']:.2f}"
-            f" | {r['images_per_s'] / ceiling[load]['images_per_s']:.2f}"
+            f"| {model} | {target} | {load} | {r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f}"
+            f" | {r['images_per_s'] / ours[model, load]['images_per_s']:.2f}"
+            f" | {r['images_per_s'] / ceiling[model, load]['images_per_s']:.2f}"
             f" | {r['requests']} | {body} | {r['bench_cores']:.2f} | {server} | {r['other_cores']:.2f} |"
         )
     return "\n".join(lines)
 
 
-def notes(args: argparse.Namespace, agreement: str, input_size: int) -> str:
+def goals(batch: int, ours: dict[tuple, dict], theirs: dict[tuple, dict], ceiling: dict[tuple, dict]) -> str:
+    """Issue 16's goals per model: ratios to the in-process ceiling and to `mlflow models serve`."""
+    lines = ["| model | single x ceiling | batch x ceiling | x mlflow (single) | p95 / mlflow p95 (single) |",
+             "|---|---:|---:|---:|---:|"]
+    for model in dict.fromkeys(m for m, _ in ours):
+        single, batched = (model, "single"), (model, f"batch {batch}")
+        lines.append(
+            f"| {model} | {ours[single]['images_per_s'] / ceiling[single]['images_per_s']:.2f}"
+            f" | {ours[batched]['images_per_s'] / ceiling[batched]['images_per_s']:.2f}"
+            f" | {ours[single]['images_per_s'] / theirs[single]['images_per_s']:.2f}"
+            f" | {ours[single]['p95_ms'] / theirs[single]['p95_ms']:.2f} |")
+    return "\n".join(lines + ["", "Goals: 32 px single >= 0.6 and batch >= 0.7 x ceiling; 128 and 224 px batch"
+                               " >= 0.85 x ceiling; >= 3 x mlflow and p95 <= 1/3 of its p95."])
+
+
+def notes(args: argparse.Namespace, agreements: list[str]) -> str:
     return "\n".join([
-        f"- {agreement}.",
+        *(f"- {agreement}." for agreement in agreements),
         "- load: `single` = one image per request (HTTP, from the client threads) or per call (in-process);"
         f" `batch {args.batch}` = {args.batch} images per request or call. Latency is per request or call.",
         "- x ours: images/s over our server's on the same load; x ceiling: over in-process ONNX Runtime"
         " with the same images per call.",
-        "- our server receives PNG bytes and decodes, resizes and normalises them itself; MLflow cannot take"
-        " image bytes, so its client sends preprocessed float32 tensors as JSON (`{\"inputs\": [...]}`, shape"
-        f" (n, 3, {input_size}, {input_size})), built before the clock started: that client-side"
-        " preprocessing and JSON encoding are not counted.",
+        "- our server receives the image bytes (PNG at 32 px, 640x480 JPEG otherwise) and decodes, resizes and"
+        " normalises them itself; MLflow cannot take image bytes, so its client sends preprocessed float32"
+        " tensors as JSON (`{\"inputs\": [...]}`, shape (n, 3, px, px)), built before the clock started:"
+        " that client-side preprocessing and JSON encoding are not counted.",
         "- KB/request: mean request body.",
         f"- bench / server / other CPU: cores used (CPU seconds per wall second; {os.cpu_count()} cores in all)"
         " by this process (the client threads, or ONNX Runtime for the ceiling), by the server's processes"
@@ -328,6 +375,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="client threads per HTTP load")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per load (at most 15)")
     parser.add_argument("--batch", type=int, default=32, help="images per batched request or call")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"which models, of {', '.join(MODELS)}")
     args = parser.parse_args()
     if not 0 < args.seconds <= 15:
         parser.error("--seconds must be in (0, 15]")
@@ -337,76 +385,88 @@ def main() -> None:
         parser.error("--concurrency must be at least 1")
     logging.getLogger("prefect").setLevel(logging.WARNING)
 
-    from mlops.serve.inference import OnnxClassifier, image_to_array
+    from mlops.serve.inference import OnnxClassifier
 
+    chosen = [key.strip() for key in args.models.split(",") if key.strip()]
+    unknown = [key for key in chosen if key not in MODELS]
+    if unknown or not chosen:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
     workspace = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    print(f"workspace {workspace}: building the model ...", flush=True)
-    tracking_uri = build_model(workspace)
-    model = OnnxClassifier(download_onnx(tracking_uri, workspace / "bench-model"))
-    paths = sorted((dataset_dir(workspace / "dvc", "digits") / "test").glob("*/*.png"))
-    pngs = [path.read_bytes() for path in paths]
-    arrays = [image_to_array(Image.open(io.BytesIO(png)), model.spec) for png in pngs]
-    loads = {
-        "single": (our_single(pngs), mlflow_single(arrays)),
-        f"batch {args.batch}": (our_batch(pngs, args.batch), mlflow_batch(arrays, args.batch)),
-    }
-
+    tracking_uri = f"sqlite:///{workspace}/mlflow.db"
     # `mlflow models serve --env-manager local` runs `bash -c "exec uvicorn ..."`, looked up on PATH:
     # without an activated virtual environment there is none there (exit status 127), so put this
     # interpreter's bin directory first, as activating the environment would.
     bin_dir = Path(sys.executable).parent
     env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    our_port, mlflow_port = free_port(), free_port()
-    our_url, mlflow_url = f"http://127.0.0.1:{our_port}", f"http://127.0.0.1:{mlflow_port}"
-    our_command = [
-        sys.executable, "-m", "mlops.serve", "--tracking-uri", tracking_uri, "--model", MODEL, "--alias", ALIAS,
-        "--host", "127.0.0.1", "--port", str(our_port), "--cache-dir", str(workspace / "serving-cache"),
-    ]
-    mlflow_command = [
-        str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@{ALIAS}", "--env-manager", "local",
-        "--host", "127.0.0.1", "-p", str(mlflow_port),
-    ]
-
-    servers = []
-    try:
-        print("starting both servers ...", flush=True)
-        servers.append(start_server(our_command, env, workspace / "our-server.log"))
-        servers.append(start_server(mlflow_command, env, workspace / "mlflow-server.log"))
-        wait_ready(servers[0], our_url + "/ready", workspace / "our-server.log")
-        wait_ready(servers[1], mlflow_url + "/ping", workspace / "mlflow-server.log")
-        our_requests, mlflow_requests = loads[f"batch {args.batch}"]
-        first = groups(arrays, args.batch, count=1)[0]
-        agreement = check_agreement(our_url, mlflow_url, our_requests[0], mlflow_requests[0], model, first)
-
-        rows, ours, ceiling = [], {}, {}
-        for load, (our_requests, mlflow_requests) in loads.items():
-            print(f"load '{load}': our server ...", flush=True)
-            ours[load] = http_load(our_url, servers[0].pid, our_requests, args.concurrency, args.seconds)
-            print(f"load '{load}': mlflow models serve ...", flush=True)
-            theirs = http_load(mlflow_url, servers[1].pid, mlflow_requests, args.concurrency, args.seconds)
-            print(f"load '{load}': in-process ONNX Runtime ...", flush=True)
-            size = 1 if load == "single" else args.batch
-            ceiling[load] = in_process_load(model, pngs, size, args.seconds)
-            rows += [
-                ("ours: mlops.serve (PNG bytes)", load, ours[load]),
-                ("mlflow models serve (preprocessed tensor JSON)", load, theirs),
-                (f"ceiling: in-process ONNX Runtime, batch {size}", load, ceiling[load]),
-            ]
-    finally:
-        for server in servers:
-            stop_server(server)
+    rows, ours, theirs, ceiling, agreements, described = [], {}, {}, {}, [], []
+    for key in chosen:
+        name, px, kind = MODELS[key]
+        label = f"{name} {px} px"
+        print(f"workspace {workspace}: building {label} ...", flush=True)
+        version = build_model(workspace, name, px)
+        model = OnnxClassifier(download_onnx(tracking_uri, version, workspace / f"bench-model-{key}"))
+        paths = sorted((dataset_dir(workspace / "dvc", "digits") / "test").glob("*/*.png"))
+        images = [path.read_bytes() for path in paths]
+        if kind == "jpeg":
+            images = [camera_jpeg(png) for png in images]
+        arrays = [to_array(data, model.spec) for data in images]
+        loads = {
+            "single": (our_single(images, kind), mlflow_single(arrays)),
+            f"batch {args.batch}": (our_batch(images, args.batch, kind), mlflow_batch(arrays, args.batch)),
+        }
+        described.append(f"{label}: version {version}, {len(images)} test images as {kind.upper()}"
+                         f" ({np.mean([len(i) for i in images]) / 1000:.1f} KB each)")
+        our_port, mlflow_port = free_port(), free_port()
+        our_url, mlflow_url = f"http://127.0.0.1:{our_port}", f"http://127.0.0.1:{mlflow_port}"
+        our_command = [
+            sys.executable, "-m", "mlops.serve", "--tracking-uri", tracking_uri, "--model", MODEL, "--version", version,
+            "--host", "127.0.0.1", "--port", str(our_port), "--cache-dir", str(workspace / "serving-cache"),
+        ]
+        mlflow_command = [
+            str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/{version}", "--env-manager", "local",
+            "--host", "127.0.0.1", "-p", str(mlflow_port),
+        ]
+        servers = []
+        try:
+            print("starting both servers ...", flush=True)
+            servers.append(start_server(our_command, env, workspace / f"our-server-{key}.log"))
+            servers.append(start_server(mlflow_command, env, workspace / f"mlflow-server-{key}.log"))
+            wait_ready(servers[0], our_url + "/ready", workspace / f"our-server-{key}.log")
+            wait_ready(servers[1], mlflow_url + "/ping", workspace / f"mlflow-server-{key}.log")
+            our_requests, mlflow_requests = loads[f"batch {args.batch}"]
+            first = groups(arrays, args.batch, count=1)[0]
+            agreement = check_agreement(our_url, mlflow_url, our_requests[0], mlflow_requests[0], model, first)
+            agreements.append(f"{label}: {agreement}")
+            for load, (our_requests, mlflow_requests) in loads.items():
+                at = (label, load)
+                print(f"{label}, load '{load}': our server ...", flush=True)
+                ours[at] = http_load(our_url, servers[0].pid, our_requests, args.concurrency, args.seconds)
+                print(f"{label}, load '{load}': mlflow models serve ...", flush=True)
+                theirs[at] = http_load(mlflow_url, servers[1].pid, mlflow_requests, args.concurrency, args.seconds)
+                print(f"{label}, load '{load}': in-process ONNX Runtime ...", flush=True)
+                size = 1 if load == "single" else args.batch
+                ceiling[at] = in_process_load(model, images, size, args.seconds)
+                rows += [
+                    (label, f"ours: mlops.serve ({kind.upper()} bytes)", load, ours[at]),
+                    (label, "mlflow models serve (preprocessed tensor JSON)", load, theirs[at]),
+                    (label, f"ceiling: in-process ONNX Runtime, batch {size}", load, ceiling[at]),
+                ]
+        finally:
+            for server in servers:
+                stop_server(server)
 
     import mlflow
     import onnxruntime
 
     print(
-        f"\nmodel {MODEL}@{ALIAS} ({len(model.spec.classes)} classes, input {model.spec.input_size} px),"
-        f" {len(pngs)} test PNGs; {os.cpu_count()} CPU cores; mlflow {mlflow.__version__},"
+        f"\n{'; '.join(described)}; {os.cpu_count()} CPU cores; mlflow {mlflow.__version__},"
         f" onnxruntime {onnxruntime.__version__}; {args.concurrency} client threads, {args.seconds:g} s per load\n"
     )
     print(table(rows, ours, ceiling))
     print()
-    print(notes(args, agreement, model.spec.input_size))
+    print(goals(args.batch, ours, theirs, ceiling))
+    print()
+    print(notes(args, agreements))
     shutil.rmtree(workspace)  # kept, with the servers' logs, when anything above failed
 
 
