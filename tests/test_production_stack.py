@@ -13,7 +13,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,19 +22,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mlops.deploy.processes import free_port
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK = ROOT / "deployments" / "stack.sh"
 MODEL = "digits"
+LOOPBACK = "127.0.0.1"
 # the clients' variables come from the stack alone, never from the shell running the tests
 FOREIGN = ("MLFLOW_", "DVC_", "MLOPS_", "AWS_", "PREFECT_API", "PG")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -54,8 +50,8 @@ def stack():
     base.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)} | {
         "MLOPS_WORKSPACE": str(base / "stack-ws"),
-        "PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
-        "PG_PORT": str(free_port()), "S3_PORT": str(free_port()),
+        "PREFECT_PORT": str(free_port(LOOPBACK)), "MLFLOW_PORT": str(free_port(LOOPBACK)),
+        "PG_PORT": str(free_port(LOOPBACK)), "S3_PORT": str(free_port(LOOPBACK)),
     }
     started = subprocess.run(["bash", str(STACK), "start", "--production"], env=env, capture_output=True,
                              text=True, timeout=600)
@@ -135,7 +131,8 @@ def test_the_loop_on_the_production_stack(stack):
     # the loop, the demo's: a worker runs the retraining build (monitor.retrain.mode auto finds build/build-production)
     started = time.monotonic()
     demo = run_flow(stack, [
-        "flows.demo", f"workspace={workspace}", f"port={free_port()}", f"test_port={free_port()}", "keep=false",
+        "flows.demo", f"workspace={workspace}", f"port={free_port(LOOPBACK)}", f"test_port={free_port(LOOPBACK)}",
+        "keep=false",
         "records.upload_s=2",
         'monitor.retrain.overrides=["train.max_epochs=5","gate.max_recall_gap=0.9","gate.min_class_recall=0.1"]',
     ], timeout=1800)
@@ -204,7 +201,7 @@ def test_the_loop_on_the_production_stack(stack):
     # a second machine: a fresh workspace and the clients' variables only load, serve and roll back production
     second = stack["base"] / "second-machine"
     second.mkdir()
-    port = free_port()
+    port = free_port(LOOPBACK)
     common = ["env=production", f"paths.workspace={second}", f"serve.port={port}"]
     served = run_flow(stack, ["flows.deploy", *common], timeout=600)
     assert served.returncode == 0, (served.stdout + served.stderr)[-3000:]

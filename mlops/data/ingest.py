@@ -305,7 +305,6 @@ def prepare_dataset(data: DataConfig, seed: int, workspace: Path, dest: Path) ->
     unchanged = record.get("inputs") == inputs and facts == record["files"]
     if unchanged and record["dataset"] is not None and record["dataset"] == tree_digest(dest):
         prepared = load_prepared(dest)
-        prepared.counts = {split: prepared.counts[split] for split in SPLITS if split in prepared.counts} | prepared.counts
         _requarantine(root, prepared.rejected, workspace / "quarantine" / data.name)
         return prepared
 
@@ -361,10 +360,11 @@ def prepare_dataset(data: DataConfig, seed: int, workspace: Path, dest: Path) ->
 
 def load_prepared(path: Path) -> Prepared:
     manifest = json.loads((path / MANIFEST).read_text())
+    counts = manifest["counts"]  # the manifest's keys are sorted: the splits in their own order, as ingest made them
     return Prepared(
         path,
         manifest["classes"],
-        manifest["counts"],
+        {split: counts[split] for split in SPLITS if split in counts} | counts,
         [Rejected(**r) for r in manifest["rejected"]],
         manifest["capped"],
         manifest.get("production"),
