@@ -34,11 +34,12 @@ class Check:
         return asdict(self) | {"verdict": self.verdict}
 
     def describe(self) -> str:
-        """One line for an error message: `accuracy 0.41 not >= 0.5`, or the note of a check
-        that has no value."""
+        """One line for an error message: `accuracy 0.41 not >= 0.5` (with the check's note in
+        brackets, if any), or the note of a check that has no value."""
         if self.value is None:
             return f"{self.name}: {self.note}"
-        return f"{self.name} {fmt(self.value)} not {self.op} {fmt(self.bound)}"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.name} {fmt(self.value)} not {self.op} {fmt(self.bound)}{note}"
 
 
 def compare(name: str, value: float, op: Op, bound: float, note: str = "") -> Check:

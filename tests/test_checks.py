@@ -32,6 +32,8 @@ def test_report_with_failing_check_fails():
     assert report.breaches == [("perf", bad)]
     assert report.failures == [bad]
     assert report.describe_failures() == "accuracy 0.41 not >= 0.5"
+    noted = Report({"app": [compare("app_error_rate", 0.004, "<=", 0, "statuses {'200': 268, '0': 1}")]})
+    assert noted.describe_failures() == "app_error_rate 0.004 not <= 0 (statuses {'200': 268, '0': 1})"
 
 
 def test_markdown_one_section_has_no_heading():

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from mlops.config.serve import ServeConfig, default_serve_config
 from mlops.serve.app import ServedModel, create_app
-from mlops.serve.decoding import BadInput, ByteBudget, decode
+from mlops.serve.decoding import INLINE_PIXELS, BadInput, ByteBudget, decode, small
 from mlops.serve.inference import ModelSpec, OnnxClassifier, image_to_array, load_array
 
 TOKEN = "hostile-test-token"
@@ -86,6 +86,21 @@ def test_a_decompression_bomb_is_shrunk_within_the_decode_budget():
         decode(bomb, ("PNG",), 40_000_000, ByteBudget(100 * 2**20, wait_s=1.0), size=64)
     assert (refused.value.status, refused.value.kind) == (413, "image_too_large")
     assert "serve.max_decode_mb" in refused.value.detail
+
+
+def test_only_images_small_in_pixels_are_decoded_on_the_event_loop(served):
+    assert small(encoded((32, 32))) and small(encoded((512, 512)))
+    bomb = encoded((6300, 6300))  # small in bytes, not in pixels: read by the header
+    assert len(bomb) < 200_000 and not small(bomb) and not small(encoded((513, 512)))
+    assert not small(b"not an image") and not small(b"")
+    # a small body of many pixels still goes through the decode budget: refused, not decoded inline
+    tight = default_serve_config().model_copy(update={"max_decode_mb": 1.0, "inline_decode_kb": 1024.0})
+    with LiveApp(create_app(served, tight)) as url:
+        refused = httpx.post(url + "/predict", content=encoded((2000, 2000)), headers={"content-type": "image/png"})
+        assert refused.status_code == 413 and "serve.max_decode_mb" in refused.json()["detail"]
+        inline = httpx.post(url + "/predict", content=encoded((INLINE_PIXELS // 512, 512)),
+                            headers={"content-type": "image/png"})
+        assert inline.status_code == 200, inline.text  # ~1 MB decoded: over the budget, fine inline
 
 
 def test_a_full_decode_budget_makes_a_decode_wait_then_refuses_it():

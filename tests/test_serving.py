@@ -158,3 +158,41 @@ def test_one_app_can_be_served_twice_in_turn(tiny_onnx):
     for _ in range(2):
         with LiveApp(app) as url:
             assert httpx.post(url + "/predict", content=png(), headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_onnx_runtime_threads_and_spinning_follow_the_settings(tiny_onnx):
+    options = OnnxClassifier(tiny_onnx, threads=1, spinning=False).session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    default = OnnxClassifier(tiny_onnx).session.get_session_options()  # ONNX Runtime's own defaults
+    assert default.intra_op_num_threads == 0
+
+
+def test_the_batcher_survives_a_batch_it_cannot_stack(tiny_onnx):
+    """Arrays of two shapes in one batch: both requests get the error, the next ones an answer."""
+    import asyncio
+
+    import numpy as np
+
+    from mlops.serve.batching import MicroBatcher
+
+    model = OnnxClassifier(tiny_onnx)
+    size = model.spec.input_size
+
+    async def scenario():
+        batcher = MicroBatcher(model, max_size=8, max_wait_s=0.05)
+        batcher.start()
+        try:
+            mixed = await asyncio.wait_for(asyncio.gather(
+                batcher.predict(np.zeros((3, size, size), np.float32)),
+                batcher.predict(np.zeros((3, size + 1, size + 1), np.float32)),
+                return_exceptions=True,
+            ), 5)
+            after = await asyncio.wait_for(batcher.predict(np.zeros((3, size, size), np.float32)), 5)
+        finally:
+            await batcher.stop()
+        return mixed, after
+
+    mixed, (logits, _) = asyncio.run(scenario())
+    assert all(isinstance(outcome, ValueError) for outcome in mixed)
+    assert logits.shape == (len(model.spec.classes),)

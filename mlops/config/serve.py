@@ -61,6 +61,9 @@ class ServeConfig(Section):
     timeout_request_s: float = Field(gt=0.0)
     timeout_keep_alive_s: float = Field(gt=0.0)
     max_connections: int = Field(ge=1)
+    inline_decode_kb: float = Field(default=16.0, ge=0.0)
+    onnx_threads: int | None = Field(default=None, ge=1)
+    onnx_spinning: bool = False
     tls: TlsConfig = TlsConfig()
     capture: CaptureConfig
     cache_dir: Path | None = None
@@ -88,6 +91,10 @@ class ServeConfig(Section):
     @property
     def max_bodies_bytes(self) -> int:
         return int(self.max_bodies_mb * 2**20)
+
+    @property
+    def inline_decode_bytes(self) -> int:
+        return int(self.inline_decode_kb * 2**10)
 
     @property
     def max_feedback_bytes(self) -> int:

@@ -80,5 +80,5 @@ def application_gate(result: ApplicationResult, bounds: AppTests, max_p95_latenc
         compare("app_macro_precision", result.macro_precision, ">=", bounds.min_macro_precision),
         compare("app_macro_recall", result.macro_recall, ">=", bounds.min_macro_recall),
         compare("app_p95_latency_ms", result.latency_p95_ms, "<=", max_p95_latency_ms, "HTTP, end to end (slo)"),
-        compare("app_error_rate", result.error_rate, "<=", bounds.max_error_rate),
+        compare("app_error_rate", result.error_rate, "<=", bounds.max_error_rate, f"statuses {result.statuses}"),
     ]}, title="Application tests")

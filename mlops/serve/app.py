@@ -49,7 +49,7 @@ from mlops.config.serve import default_serve_config
 from mlops.deploy.canary import ROUTE_HEADER, Role, routes_to_canary, sampled
 from mlops.serve.batching import MicroBatcher
 from mlops.serve.capture import CaptureMetrics, CaptureWriter
-from mlops.serve.decoding import BadInput, ByteBudget, configure_allocator, decode
+from mlops.serve.decoding import BadInput, ByteBudget, configure_allocator, decode, small
 from mlops.serve.features import THUMBNAIL, image_features
 from mlops.serve.inference import OnnxClassifier, image_to_array, softmax
 from mlops.serve.records import RecordWriter
@@ -433,9 +433,9 @@ def create_app(
                 | fields,
             )
 
-    def prepare(data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        decoded = decode(data, settings.formats, settings.max_pixels, decodes, decode_size)
-        features = image_features(decoded.image, (decoded.width, decoded.height))
+    def prepare(data: bytes, budget: ByteBudget | None) -> tuple[np.ndarray, dict[str, float]]:
+        decoded = decode(data, settings.formats, settings.max_pixels, budget, decode_size)
+        features = image_features(decoded.image, (decoded.width, decoded.height)) if records else {}  # for the record
         return image_to_array(decoded.image, model.spec), features
 
     def answer(logits: np.ndarray) -> tuple[np.ndarray, int]:
@@ -462,16 +462,33 @@ def create_app(
             return challenger.served, second, Role.CANARY
         return served, batcher, Role.CHAMPION
 
-    async def classify(data: bytes, content_type: str, endpoint: str, start: float, key: str | None = None) -> dict:
+    def prepared(data: bytes, budget: ByteBudget | None = decodes) -> tuple[np.ndarray, dict[str, float]] | BadInput:
+        try:
+            return prepare(data, budget)
+        except BadInput as bad:
+            return bad
+
+    async def prepare_all(images: list[bytes]) -> list[tuple[np.ndarray, dict[str, float]] | BadInput]:
+        """Decode a request's images: on the event loop when they are small (`serve.inline_decode_kb`
+        and INLINE_PIXELS: a hop to a thread costs more than decoding them), else all of them in one
+        thread hop."""
+        if sum(len(data) for data in images) <= settings.inline_decode_bytes and all(map(small, images)):
+            return [prepared(data, None) for data in images]
+        return await run_in_threadpool(lambda: [prepared(data) for data in images])
+
+    async def classify(data: bytes, content_type: str, endpoint: str, start: float, key: str | None = None,
+                       ready: tuple[np.ndarray, dict[str, float]] | BadInput | None = None) -> dict:
+        """Answer one image; `ready`: what `prepare_all` made of it, if it was called already."""
         request_id = uuid.uuid4().hex
         answering, runner, role = route(request_id, key)
-        try:
-            array, features = await run_in_threadpool(prepare, data)
-        except BadInput as bad:
-            metrics.errors.labels(bad.kind).inc()
-            record(request_id, endpoint, content_type, len(data), status="rejected", error=bad.kind)
-            bad.request_id = request_id
-            raise
+        if ready is None:
+            (ready,) = await prepare_all([data])
+        if isinstance(ready, BadInput):
+            metrics.errors.labels(ready.kind).inc()
+            record(request_id, endpoint, content_type, len(data), status="rejected", error=ready.kind)
+            ready.request_id = request_id
+            raise ready
+        array, features = ready
         try:
             logits, projection = await runner.predict(array)
         except Exception:
@@ -524,7 +541,8 @@ def create_app(
         try:
             async with bodies.hold(body_cost(request, settings.max_body_bytes)):
                 ((data, content_type),) = await read_images(request, settings, "file", max_files=1)
-                return await classify(data, content_type, "/predict", start, request.headers.get(ROUTE_HEADER))
+                answer = await classify(data, content_type, "/predict", start, request.headers.get(ROUTE_HEADER))
+                return JSONResponse(answer)  # as it is: FastAPI's encoder would walk it again
         except BadInput as bad:
             return rejected(request, "/predict", bad)
 
@@ -538,16 +556,17 @@ def create_app(
 
         key = request.headers.get(ROUTE_HEADER)
 
-        async def one(data: bytes, content_type: str) -> dict:
+        async def one(data: bytes, content_type: str, ready) -> dict:
             try:
-                return await classify(data, content_type, "/predict/batch", start, key)
+                return await classify(data, content_type, "/predict/batch", start, key, ready)
             except BadInput as bad:
                 return {"request_id": bad.request_id, "error": bad.kind, "detail": bad.detail}
 
         try:
             async with bodies.hold(body_cost(request, settings.max_body_bytes)):
                 images = await read_images(request, settings, "files", settings.max_batch_images)
-                return {"results": await asyncio.gather(*(one(d, t) for d, t in images))}
+                ready = await prepare_all([data for data, _ in images])
+                return JSONResponse({"results": await asyncio.gather(*(one(d, t, r) for (d, t), r in zip(images, ready)))})
         except BadInput as bad:
             return rejected(request, "/predict/batch", bad)
 

@@ -62,8 +62,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             items = await self._collect()
-            batch = np.stack([array for array, _ in items])
-            try:
+            try:  # nothing may end this loop: every later request would wait for ever
+                batch = np.stack([array for array, _ in items])
                 logits, projection = await loop.run_in_executor(self.executor, self.model.run, batch)
             except Exception as error:  # noqa: BLE001 - every waiting request gets the error
                 for _, future in items:

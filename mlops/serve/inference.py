@@ -69,12 +69,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class OnnxClassifier:
     """An exported classifier run by ONNX Runtime on the CPU."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, spinning: bool = True):
+        """`threads`: intra-op threads (None: ONNX Runtime's default, one per physical core);
+        `spinning`: whether they spin while waiting for work (ONNX Runtime's default: faster alone,
+        but the spinning takes CPU from whatever else runs, such as a server's HTTP side)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         metadata = self.session.get_modelmeta().custom_metadata_map
         if SPEC_KEY not in metadata:

@@ -54,14 +54,19 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"mlops-serving-{os.getuid()}"
 
 
-def load_served(tracking_uri: str, name: str, alias: str | None, version: str | None, cache: Path) -> ServedModel:
-    """The ONNX file of a registered version (by alias or number), verified and opened."""
+def load_served(
+    tracking_uri: str, name: str, alias: str | None, version: str | None, cache: Path, settings: ServeConfig | None = None
+) -> ServedModel:
+    """The ONNX file of a registered version (by alias or number), verified and opened (with the
+    ONNX Runtime threads of `settings`, if given)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri, tracking_uri)
     found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     path = cached_model(client, tracking_uri, found, cache)
-    return ServedModel(name, str(found.version), OnnxClassifier(path))
+    if settings is None:
+        return ServedModel(name, str(found.version), OnnxClassifier(path))
+    return ServedModel(name, str(found.version), OnnxClassifier(path, settings.onnx_threads, settings.onnx_spinning))
 
 
 # -- sockets, TLS, HTTP ----------------------------------------------------------------------
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     cache = args.cache_dir or settings.cache_dir or default_cache_dir()
     try:
-        served = load_served(args.tracking_uri, args.model, args.alias, args.version, cache)
+        served = load_served(args.tracking_uri, args.model, args.alias, args.version, cache, settings)
     except Exception as error:  # noqa: BLE001 - report why the model cannot be served, then exit
         sys.exit(f"error: cannot load {args.model} ({args.alias or args.version}): {type(error).__name__}: {error}")
     if args.instance_id:
@@ -301,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     challenger = None
     if args.challenger_version:
         try:
-            second = load_served(args.tracking_uri, args.model, None, args.challenger_version, cache)
+            second = load_served(args.tracking_uri, args.model, None, args.challenger_version, cache, settings)
             challenger = Challenger(second, Role(args.challenger_role), args.challenger_share)
         except Exception as error:  # noqa: BLE001 - report why, then exit
             sys.exit(f"error: cannot load challenger {args.model} ({args.challenger_version}): {type(error).__name__}: {error}")
