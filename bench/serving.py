@@ -1,6 +1,7 @@
 """Serving throughput and latency: our model server, `mlflow models serve` and in-process ONNX Runtime.
 
     python bench/serving.py [--concurrency 8] [--seconds 10] [--batch 32] [--models 32,128,224,m128,m224]
+                            [--steps 32,m128]
 
 One run builds each model (the build flow, env=test, 1 epoch, in one temporary workspace) and
 serves each registered version three ways. The models (`--models` picks some):
@@ -19,6 +20,13 @@ The three ways:
    before the clock starts, so they are not counted against MLflow;
 3. the ceiling: `mlops.inference.OnnxClassifier` on the downloaded ONNX file in this process,
    decoding + `image_to_array` + `logits` on one image per call, then on `--batch` images.
+
+`--steps 32,m128` also serves those models with one change each from our server's defaults (the
+directions issue 16 asked to measure, one row each), after a row for the client's own limit (a
+no-op ASGI server that reads the body and answers): request records on (what production runs),
+the decode in a worker thread (`serve.inline_decode_kb: 0`), spinning ONNX Runtime threads
+(`serve.onnx_spinning: true`, ONNX Runtime's own default), and two server processes sharing the
+port (SO_REUSEPORT) with one ONNX Runtime thread each.
 
 Both servers get the same two loads: single-image requests, then requests of `--batch` images,
 each from `--concurrency` client threads with one `httpx.Client` each, for `--seconds` after a
@@ -42,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -62,6 +71,24 @@ MODELS = {  # --models key: (torchvision model, input px, what the clients send)
     "m128": ("mobilenet_v3_small", 128, "jpeg"),
     "m224": ("mobilenet_v3_small", 224, "jpeg"),
 }
+STEPS = {  # our server again with one change: row label, `serve` settings changed, processes, records on
+    "noop": ("the client's limit: a no-op ASGI server (uvicorn) that reads the body", None, 1, False),
+    "records": ("ours + request records (as in production)", {}, 1, True),
+    "thread": ("ours, decode in a thread (inline_decode_kb 0)", {"inline_decode_kb": 0}, 1, False),
+    "spin": ("ours, ONNX Runtime threads spinning", {"onnx_spinning": True}, 1, False),
+    "procs": ("ours, 2 processes on the port, 1 ONNX Runtime thread each", {"onnx_threads": 1}, 2, False),
+}
+NOOP_SERVER = """
+import sys, uvicorn
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        more = True
+        while more:
+            more = (await receive()).get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"ready": true, "pid": %d}' % __import__("os").getpid()})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
 
 
 # -- set-up --------------------------------------------------------------------------------
@@ -147,6 +174,38 @@ def tail(path: Path, lines: int = 30) -> str:
 # -- requests: (path, body, headers, images) -------------------------------------------------
 
 
+@contextmanager
+def step_servers(step: str, command: list[str], env: dict[str, str], folder: Path):
+    """Our server with `step`'s change (STEPS), on a port of its own: (url, pids) until the block ends."""
+    from mlops.config import RecordsConfig
+    from mlops.config.serve import default_serve_config
+
+    _, changes, processes, records = STEPS[step]
+    port = free_port()
+    if changes is None:
+        command = [sys.executable, "-c", NOOP_SERVER, str(port)]
+    else:
+        settings = default_serve_config().model_copy(update=changes)
+        command = [*command, "--port", str(port), "--settings", settings.model_dump_json()]
+    if processes > 1:
+        command.append("--reuse-port")
+    if records:
+        command += ["--records", RecordsConfig(dir=folder / "records", max_mb=512, max_age_days=1).model_dump_json()]
+    folder.mkdir(parents=True, exist_ok=True)
+    servers = []
+    try:
+        for index in range(processes):
+            log = folder / f"server-{index}.log"
+            servers.append(start_server(command, env, log))
+            wait_ready(servers[-1], f"http://127.0.0.1:{port}/ready", log)
+            while httpx.get(f"http://127.0.0.1:{port}/ready", trust_env=False).json()["pid"] != servers[-1].pid:
+                wait_ready(servers[-1], f"http://127.0.0.1:{port}/ready", log)  # the port answers for another one
+        yield f"http://127.0.0.1:{port}", [server.pid for server in servers]
+    finally:
+        for server in servers:
+            stop_server(server)
+
+
 def groups(items: list, size: int, count: int) -> list[list]:
     """`count` lists of `size` items, taken in turn from `items` (repeating it as needed)."""
     return [[items[(i * size + j) % len(items)] for j in range(size)] for i in range(count)]
@@ -214,13 +273,13 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def snapshot(server_pid: int | None) -> dict[str, float]:
+def snapshot(server_pids: list[int]) -> dict[str, float]:
     """The wall clock, and the CPU seconds used so far by this process, the server and the machine."""
     machine = psutil.cpu_times()
     return {
         "wall": time.perf_counter(),
         "bench": time.process_time(),
-        "server": cpu_seconds(server_pid) if server_pid else 0.0,
+        "server": sum(cpu_seconds(pid) for pid in server_pids),
         "machine": machine.user + machine.nice + machine.system + machine.irq + machine.softirq,
     }
 
@@ -241,10 +300,10 @@ def summary(latencies: list[float], images: int, before: dict, after: dict, body
     }
 
 
-def http_load(url: str, server_pid: int, requests: list[tuple], concurrency: int, seconds: float) -> dict:
+def http_load(url: str, server_pids: list[int], requests: list[tuple], concurrency: int, seconds: float) -> dict:
     """`concurrency` threads, one httpx.Client each, post `requests` in turn for `seconds` after a warm-up."""
     before = {}
-    barrier = threading.Barrier(concurrency, action=lambda: before.update(snapshot(server_pid)))
+    barrier = threading.Barrier(concurrency, action=lambda: before.update(snapshot(server_pids)))
     results = [None] * concurrency
 
     def client_thread(index: int) -> None:
@@ -276,7 +335,7 @@ def http_load(url: str, server_pid: int, requests: list[tuple], concurrency: int
         thread.start()
     for thread in threads:
         thread.join()
-    after = snapshot(server_pid)
+    after = snapshot(server_pids)
     if any(result is None for result in results):
         raise SystemExit(f"{url}: a client thread failed (see its traceback above)")
     latencies = [latency for thread_latencies, _ in results for latency in thread_latencies]
@@ -305,14 +364,14 @@ def in_process_load(model, images: list[bytes], size: int, seconds: float) -> di
     while time.perf_counter() < warmup_end:
         call(batches[0])
     latencies, images, i = [], 0, 0
-    before = snapshot(None)
+    before = snapshot([])
     while time.perf_counter() < before["wall"] + seconds:
         sent = time.perf_counter()
         call(batches[i % len(batches)])
         latencies.append(time.perf_counter() - sent)
         images += size
         i += 1
-    return summary(latencies, images, before, snapshot(None), None)
+    return summary(latencies, images, before, snapshot([]), None)
 
 
 # -- report --------------------------------------------------------------------------------
@@ -376,6 +435,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per load (at most 15)")
     parser.add_argument("--batch", type=int, default=32, help="images per batched request or call")
     parser.add_argument("--models", default=",".join(MODELS), help=f"which models, of {', '.join(MODELS)}")
+    parser.add_argument("--steps", default="", help="models (of --models) also served with each step's change")
     args = parser.parse_args()
     if not 0 < args.seconds <= 15:
         parser.error("--seconds must be in (0, 15]")
@@ -391,6 +451,9 @@ def main() -> None:
     unknown = [key for key in chosen if key not in MODELS]
     if unknown or not chosen:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    steps = [key.strip() for key in args.steps.split(",") if key.strip()]
+    if set(steps) - set(chosen):
+        parser.error(f"--steps: {sorted(set(steps) - set(chosen))} not among --models {', '.join(chosen)}")
     workspace = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     tracking_uri = f"sqlite:///{workspace}/mlflow.db"
     # `mlflow models serve --env-manager local` runs `bash -c "exec uvicorn ..."`, looked up on PATH:
@@ -440,9 +503,9 @@ def main() -> None:
             for load, (our_requests, mlflow_requests) in loads.items():
                 at = (label, load)
                 print(f"{label}, load '{load}': our server ...", flush=True)
-                ours[at] = http_load(our_url, servers[0].pid, our_requests, args.concurrency, args.seconds)
+                ours[at] = http_load(our_url, [servers[0].pid], our_requests, args.concurrency, args.seconds)
                 print(f"{label}, load '{load}': mlflow models serve ...", flush=True)
-                theirs[at] = http_load(mlflow_url, servers[1].pid, mlflow_requests, args.concurrency, args.seconds)
+                theirs[at] = http_load(mlflow_url, [servers[1].pid], mlflow_requests, args.concurrency, args.seconds)
                 print(f"{label}, load '{load}': in-process ONNX Runtime ...", flush=True)
                 size = 1 if load == "single" else args.batch
                 ceiling[at] = in_process_load(model, images, size, args.seconds)
@@ -454,6 +517,14 @@ def main() -> None:
         finally:
             for server in servers:
                 stop_server(server)
+        if key in steps:
+            for step in STEPS:
+                target = STEPS[step][0]
+                print(f"{label}: {target} ...", flush=True)
+                with step_servers(step, our_command, env, workspace / f"{key}-{step}") as (url, pids):
+                    for load, (our_requests, _) in loads.items():
+                        result = http_load(url, pids, our_requests, args.concurrency, args.seconds)
+                        rows.append((label, target, load, result))
 
     import mlflow
     import onnxruntime
