@@ -25,8 +25,8 @@ The three ways:
 directions issue 16 asked to measure, one row each), after a row for the client's own limit (a
 no-op ASGI server that reads the body and answers): request records on (what production runs),
 the decode in a worker thread (`serve.inline_decode_kb: 0`), spinning ONNX Runtime threads
-(`serve.onnx_spinning: true`, ONNX Runtime's own default), and two server processes sharing the
-port (SO_REUSEPORT) with one ONNX Runtime thread each.
+(`serve.onnx_spinning: true`, ONNX Runtime's own default), one ONNX Runtime thread, and two
+server processes on the port (`serve.workers: 2`) with one ONNX Runtime thread each.
 
 Both servers get the same two loads: single-image requests, then requests of `--batch` images,
 each from `--concurrency` client threads with one `httpx.Client` each, for `--seconds` after a
@@ -71,12 +71,13 @@ MODELS = {  # --models key: (torchvision model, input px, what the clients send)
     "m128": ("mobilenet_v3_small", 128, "jpeg"),
     "m224": ("mobilenet_v3_small", 224, "jpeg"),
 }
-STEPS = {  # our server again with one change: row label, `serve` settings changed, processes, records on
-    "noop": ("the client's limit: a no-op ASGI server (uvicorn) that reads the body", None, 1, False),
-    "records": ("ours + request records (as in production)", {}, 1, True),
-    "thread": ("ours, decode in a thread (inline_decode_kb 0)", {"inline_decode_kb": 0}, 1, False),
-    "spin": ("ours, ONNX Runtime threads spinning", {"onnx_spinning": True}, 1, False),
-    "procs": ("ours, 2 processes on the port, 1 ONNX Runtime thread each", {"onnx_threads": 1}, 2, False),
+STEPS = {  # our server again with one change: row label, `serve` settings changed (None: no-op server), records on
+    "noop": ("the client's limit: a no-op ASGI server (uvicorn) that reads the body", None, False),
+    "records": ("ours + request records (as in production)", {}, True),
+    "thread": ("ours, decode in a thread (inline_decode_kb 0)", {"inline_decode_kb": 0}, False),
+    "spin": ("ours, ONNX Runtime threads spinning (onnx_spinning true)", {"onnx_spinning": True}, False),
+    "ort1": ("ours, 1 ONNX Runtime thread (onnx_threads 1)", {"onnx_threads": 1}, False),
+    "workers": ("ours, 2 processes (workers 2, onnx_threads 1)", {"workers": 2, "onnx_threads": 1}, False),
 }
 NOOP_SERVER = """
 import sys, uvicorn
@@ -180,30 +181,23 @@ def step_servers(step: str, command: list[str], env: dict[str, str], folder: Pat
     from mlops.config import RecordsConfig
     from mlops.config.serve import default_serve_config
 
-    _, changes, processes, records = STEPS[step]
+    _, changes, records = STEPS[step]
     port = free_port()
     if changes is None:
         command = [sys.executable, "-c", NOOP_SERVER, str(port)]
     else:
         settings = default_serve_config().model_copy(update=changes)
         command = [*command, "--port", str(port), "--settings", settings.model_dump_json()]
-    if processes > 1:
-        command.append("--reuse-port")
     if records:
         command += ["--records", RecordsConfig(dir=folder / "records", max_mb=512, max_age_days=1).model_dump_json()]
     folder.mkdir(parents=True, exist_ok=True)
-    servers = []
+    log = folder / "server.log"
+    server = start_server(command, env, log)
     try:
-        for index in range(processes):
-            log = folder / f"server-{index}.log"
-            servers.append(start_server(command, env, log))
-            wait_ready(servers[-1], f"http://127.0.0.1:{port}/ready", log)
-            while httpx.get(f"http://127.0.0.1:{port}/ready", trust_env=False).json()["pid"] != servers[-1].pid:
-                wait_ready(servers[-1], f"http://127.0.0.1:{port}/ready", log)  # the port answers for another one
-        yield f"http://127.0.0.1:{port}", [server.pid for server in servers]
+        wait_ready(server, f"http://127.0.0.1:{port}/ready", log)
+        yield f"http://127.0.0.1:{port}", [server.pid]  # its workers are its children: counted with it
     finally:
-        for server in servers:
-            stop_server(server)
+        stop_server(server)
 
 
 def groups(items: list, size: int, count: int) -> list[list]:

@@ -62,6 +62,7 @@ class ServeConfig(Section):
     timeout_keep_alive_s: float = Field(gt=0.0)
     max_connections: int = Field(ge=1)
     inline_decode_kb: float = Field(default=16.0, ge=0.0)
+    workers: int = Field(default=1, ge=1, le=64)
     onnx_threads: int | None = Field(default=None, ge=1)
     onnx_spinning: bool = False
     tls: TlsConfig = TlsConfig()

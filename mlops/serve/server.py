@@ -6,20 +6,24 @@
 Limits and batching come from `--settings` (the `serve` section as JSON, which the deploy flow
 passes) or else from `conf/serve/default.yaml`; `--host`/`--port` override them. With
 `serve.tls` set it serves https only; with `serve.capture.url` set it keeps a sampled share of
-the images it answers there (`mlops.serve.capture`).
+the images it answers there (`mlops.serve.capture`). With `serve.workers` above 1 it starts that
+many processes in all, serving the same sockets.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import dataclasses
 import errno
 import functools
 import logging
 import os
+import signal
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -235,6 +239,56 @@ def uvicorn_config(app, settings: ServeConfig, http: str = "httptools"):
     )
 
 
+# -- worker processes ------------------------------------------------------------------------
+
+
+def start_workers(argv: list[str], sockets: list[socket.socket], count: int) -> list[subprocess.Popen]:
+    """`count` more server processes on the same listening sockets (inherited: one accept queue,
+    the kernel gives each connection to one process). Each loads the model itself (from the
+    cache this process filled) and ends when this process does."""
+    fds = [sock.fileno() for sock in sockets]
+    command = [sys.executable, "-m", "mlops.serve", *argv,
+               "--worker-of", str(os.getpid()), "--worker-fds", ",".join(map(str, fds))]
+    return [subprocess.Popen(command, pass_fds=fds) for _ in range(count)]
+
+
+def end_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM (a graceful stop) to this worker when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        sys.exit("error: the server that started this worker is gone")
+
+
+def stop_workers(workers: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM (a graceful stop, as for this process), then SIGKILL after `grace_s`."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    for worker in workers:
+        try:
+            worker.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def supervising(workers: list[subprocess.Popen], grace_s: float):
+    """A uvicorn server whose shutdown also stops `workers`, so this process exits after them
+    (uvicorn ends the process with the signal it caught, right after shutdown)."""
+    import uvicorn
+
+    class Supervisor(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.terminate()  # they drain their connections while this one drains its own
+            await super().shutdown(sockets)
+            await asyncio.to_thread(stop_workers, workers, grace_s)
+
+    return Supervisor
+
+
 # -- the command -----------------------------------------------------------------------------
 
 
@@ -264,6 +318,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--challenger-role", choices=[Role.CANARY.value, Role.SHADOW.value], default=Role.CANARY.value,
                         help="canary: answers --challenger-share of requests; shadow: a copy of that share, unseen")
     parser.add_argument("--challenger-share", type=float, default=0.05, help="in (0, 1]")
+    parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # started by that server (serve.workers)
+    parser.add_argument("--worker-fds", help=argparse.SUPPRESS)  # its listening sockets, inherited
     return parser.parse_args(argv)
 
 
@@ -280,7 +336,10 @@ def settings_from(args: argparse.Namespace) -> tuple[ServeConfig, RecordsConfig 
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.worker_of:
+        end_with_parent(args.worker_of)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, records_config = settings_from(args)
     try:
@@ -291,9 +350,12 @@ def main(argv: list[str] | None = None) -> None:
         check_tls(settings.tls)
         if settings.capture.enabled and settings.capture.url:
             store_of(settings.capture.url, CAPTURE_URL)  # its protocol's package is installed
-        sockets = [listen_on(settings.host, settings.port, args.reuse_port, "serve.port")]
-        if args.admin_port:
-            sockets.append(listen_on(settings.host, args.admin_port, False, "--admin-port"))
+        if args.worker_fds:
+            sockets = [socket.socket(fileno=int(fd)) for fd in args.worker_fds.split(",")]
+        else:
+            sockets = [listen_on(settings.host, settings.port, args.reuse_port, "serve.port")]
+            if args.admin_port:
+                sockets.append(listen_on(settings.host, args.admin_port, False, "--admin-port"))
     except (ServerError, ValueError) as error:
         sys.exit(f"error: {error}")
     cache = args.cache_dir or settings.cache_dir or default_cache_dir()
@@ -324,7 +386,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     config = uvicorn_config(app, settings)
     scheme = "https" if config.is_ssl else "http"
-    log.info("serving %s v%s on %s://%s:%s", served.name, served.version, scheme, settings.host, settings.port)
+    if args.worker_of:
+        log.info("worker of pid %d serving %s v%s", args.worker_of, served.name, served.version)
+        return uvicorn.Server(config).run(sockets=sockets)
+    log.info("serving %s v%s on %s://%s:%s (%d process%s)", served.name, served.version, scheme, settings.host,
+             settings.port, settings.workers, "es" if settings.workers > 1 else "")
     if challenger:
         log.info("with v%s as %s on %.0f%% of requests", challenger.served.version, challenger.role, challenger.share * 100)
-    uvicorn.Server(config).run(sockets=sockets)
+    workers = start_workers(argv, sockets, settings.workers - 1)
+    grace_s = config.timeout_graceful_shutdown + 5
+    try:
+        supervising(workers, grace_s)(config).run(sockets=sockets)
+    finally:  # an error in the server itself
+        stop_workers(workers, grace_s)
