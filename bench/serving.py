@@ -343,7 +343,7 @@ def to_array(data: bytes, spec) -> np.ndarray:
     from mlops.serve.inference import image_to_array
 
     image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (2 * spec.input_size, 2 * spec.input_size))
+    image.draft("RGB", (spec.input_size, spec.input_size))
     return image_to_array(image, spec)
 
 

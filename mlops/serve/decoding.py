@@ -69,7 +69,7 @@ class ByteBudget:
 
 @dataclass(frozen=True)
 class Decoded:
-    image: Image.Image  # shrunk: both sides at least 2 x the smallest size asked for, or as decoded
+    image: Image.Image  # shrunk: both sides at least the size asked for (2 x, unless a JPEG), or as decoded
     width: int  # of the original
     height: int
 
@@ -111,7 +111,7 @@ def decode(data: bytes, formats: tuple[str, ...], max_pixels: int, budget: ByteB
     width, height = image.size
     if width * height > max_pixels:
         raise BadInput(413, "image_too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels} (serve.max_pixels)")
-    image.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale; others: no-op
+    image.draft("RGB", (size, size))  # JPEG: at 1/2, 1/4 or 1/8 scale, both sides still >= size; others: no-op
     cost = decode_cost(image.mode, *image.size)
     with budget.hold(cost, f"a {width}x{height} {image.format} image") if budget else nullcontext():
         try:

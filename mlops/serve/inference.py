@@ -49,7 +49,9 @@ def shrink(image: Image.Image, size: int) -> Image.Image:
 def image_to_array(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     """RGB, resized to input_size x input_size, scaled to [0, 1], normalised; CHW float32."""
     image = shrink(image, spec.input_size)
-    image = image.convert("RGB").resize((spec.input_size, spec.input_size), Image.BILINEAR)
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # a copy, even of an RGB image: only when needed
+    image = image.resize((spec.input_size, spec.input_size), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32) / 255.0
     array = (array - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
@@ -57,7 +59,7 @@ def image_to_array(image: Image.Image, spec: ModelSpec) -> np.ndarray:
 
 def load_array(path: Path, spec: ModelSpec) -> np.ndarray:
     with Image.open(path) as image:
-        image.draft("RGB", (2 * spec.input_size, 2 * spec.input_size))  # as the server decodes
+        image.draft("RGB", (spec.input_size, spec.input_size))  # as the server decodes
         return image_to_array(image, spec)
 
 
