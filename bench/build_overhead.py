@@ -79,8 +79,8 @@ def main() -> None:
         f"train.batch_size={args.batch_size}",
         "train.progress_bar=false",
         f"data.max_per_class={args.max_per_class or 'null'}",
-        "thresholds.max_accuracy_drop=1.0",
-        "thresholds.max_macro_f1_drop=1.0",
+        "gate.max_accuracy_drop=1.0",
+        "gate.max_macro_f1_drop=1.0",
     ]
     rows = []
     for label, extra in (
