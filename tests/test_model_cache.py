@@ -51,6 +51,10 @@ def store(tiny_onnx, tmp_path_factory) -> str:
 def test_registration_records_the_checksum_of_the_stored_file(store):
     recorded = version_of(store).tags[ONNX_SHA256_TAG]
     assert recorded == sha256_file(stored_file(store))
+    # the requirements are given, not inferred by MLflow, and name what serving the flavour needs
+    pins = (stored_file(store).parent / "requirements.txt").read_text().split()
+    assert [pin.split("==")[0] for pin in pins] == ["mlflow", "numpy", "onnx", "onnxruntime"]
+    assert all("==" in pin and pin.split("==")[1] for pin in pins)
     assert MlflowClient(store, store).get_run(version_of(store).run_id).data.tags[ONNX_SHA256_TAG] == recorded
 
 
