@@ -48,6 +48,18 @@ def store(tiny_onnx, tmp_path_factory) -> str:
     return register_tiny(tiny_onnx, tmp_path_factory.mktemp("store"))[0]
 
 
+def test_the_logged_requirements_are_given_not_inferred(tiny_onnx, tmp_path, monkeypatch):
+    """MLflow's inference maps every installed package (seconds in a fresh process): never called."""
+    import mlflow.models
+
+    def inferred(*args, **kwargs):
+        raise AssertionError("MLflow inferred the requirements")
+
+    monkeypatch.setattr(mlflow.models, "infer_pip_requirements", inferred)
+    uri, _ = register_tiny(tiny_onnx, tmp_path)
+    assert (stored_file(uri).parent / "requirements.txt").read_text().split() == registry_module.pip_requirements()
+
+
 def test_registration_records_the_checksum_of_the_stored_file(store):
     recorded = version_of(store).tags[ONNX_SHA256_TAG]
     assert recorded == sha256_file(stored_file(store))

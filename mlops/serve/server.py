@@ -68,9 +68,8 @@ def load_served(
     client = MlflowClient(tracking_uri, tracking_uri)
     found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     path = cached_model(client, tracking_uri, found, cache)
-    if settings is None:
-        return ServedModel(name, str(found.version), OnnxClassifier(path))
-    return ServedModel(name, str(found.version), OnnxClassifier(path, settings.onnx_threads, settings.onnx_spinning))
+    threads, spinning = (settings.onnx_threads, settings.onnx_spinning) if settings else (None, True)
+    return ServedModel(name, str(found.version), OnnxClassifier(path, threads, spinning))
 
 
 # -- sockets, TLS, HTTP ----------------------------------------------------------------------
@@ -260,11 +259,16 @@ def end_with_parent(parent: int) -> None:
         sys.exit("error: the server that started this worker is gone")
 
 
-def stop_workers(workers: list[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM (a graceful stop, as for this process), then SIGKILL after `grace_s`."""
+def terminate(workers: list[subprocess.Popen]) -> None:
+    """SIGTERM to those still running: a graceful stop, as for this process."""
     for worker in workers:
         if worker.poll() is None:
             worker.terminate()
+
+
+def stop_workers(workers: list[subprocess.Popen], grace_s: float) -> None:
+    """`terminate`, then SIGKILL what is left after `grace_s`."""
+    terminate(workers)
     for worker in workers:
         try:
             worker.wait(grace_s)
@@ -280,9 +284,7 @@ def supervising(workers: list[subprocess.Popen], grace_s: float):
 
     class Supervisor(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.terminate()  # they drain their connections while this one drains its own
+            terminate(workers)  # they drain their connections while this one drains its own
             await super().shutdown(sockets)
             await asyncio.to_thread(stop_workers, workers, grace_s)
 
