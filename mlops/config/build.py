@@ -96,6 +96,7 @@ class TrainConfig(Section):
     learning_rate: float = Field(gt=0.0)
     weight_decay: float = Field(ge=0.0)
     optimizer: Literal["adam", "adamw", "sgd"]
+    lr_schedule: Literal["cosine", "constant"]
     num_workers: int = Field(ge=0)
     hflip: bool
     update_bn: bool

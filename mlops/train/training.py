@@ -50,10 +50,12 @@ def build_network(model: ModelConfig, num_classes: int) -> nn.Module:
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, network: nn.Module, optimizer: str, learning_rate: float, weight_decay: float):
+    def __init__(self, network: nn.Module, optimizer: str, learning_rate: float, weight_decay: float,
+                 lr_schedule: str):
         super().__init__()
         self.network = network
         self.optimizer, self.learning_rate, self.weight_decay = optimizer, learning_rate, weight_decay
+        self.lr_schedule = lr_schedule
         self.loss = nn.CrossEntropyLoss()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,9 +76,17 @@ class Classifier(pl.LightningModule):
     def configure_optimizers(self):
         params = self.parameters()
         if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.learning_rate, momentum=0.9, weight_decay=self.weight_decay)
-        kind = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
-        return kind(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+            optimizer = torch.optim.SGD(params, lr=self.learning_rate, momentum=0.9, weight_decay=self.weight_decay)
+        else:
+            kind = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
+            optimizer = kind(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        if self.lr_schedule == "constant":
+            return optimizer
+        # cosine to 0, stepped every batch: the last epochs move the weights little, so the model
+        # a build exports does not depend on where the last constant-rate step happened to land
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
 @dataclass
@@ -150,7 +160,8 @@ def train(config: BuildConfig, data: Prepared, workdir: Path, logger=None) -> Tr
     spec = model_spec(config, data.classes)
     t = config.train
     loaders = {split: data_loader(data.files(split), spec, t, train=split == "train") for split in ("train", "val")}
-    module = Classifier(build_network(config.model, len(data.classes)), t.optimizer, t.learning_rate, t.weight_decay)
+    module = Classifier(build_network(config.model, len(data.classes)), t.optimizer, t.learning_rate, t.weight_decay,
+                        t.lr_schedule)
     trainer = pl.Trainer(**trainer_settings(config), logger=logger if logger is not None else False, default_root_dir=str(workdir))
     trainer.fit(module, loaders["train"], loaders["val"])
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
