@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mlops.config import SCHEMAS, ConfigError, validate_config
 from mlops.config.common import did_you_mean, schema_keys, unknown_key
 
-from flows.startup import CONF_DIR  # noqa: E402  (one definition, light enough for startup)
+from flows.startup import CONF_DIR, api_ready  # noqa: E402  (light enough for startup)
 
 
 def groups_of(config_name: str) -> dict[str, list[str]]:
@@ -166,6 +166,7 @@ def run_cli(config_name: str, run: Callable[[str, list[str]], object], sweep: Sw
     deployment makes. A sweeper that needs each job's result (Optuna) runs the jobs itself, each
     validated as it comes. With `sweep`, a multirun's jobs go through it and its `finish` ends it.
     """
+    api_ready()  # Prefect's temporary API, started by flows.startup while the flow module imported
     jobs: list[tuple[str, list[str]]] = []
     multirun = False
     try:

@@ -30,6 +30,7 @@ from flows.build import build
 from flows.config import load_config, overrides_for
 from flows.deploy import deploy
 from flows.monitor import monitor
+from flows.startup import api_ready
 from mlops import traffic
 from mlops.data.versioning import dataset_of
 from mlops.deploy import processes
@@ -220,6 +221,7 @@ def demo(
 
 
 def main() -> None:
+    api_ready()  # Prefect's temporary API, started by flows.startup while this module imported
     options, overrides = {}, []
     for item in sys.argv[1:]:
         key, _, value = item.partition("=")

@@ -1,15 +1,18 @@
 """What `python -m flows.<name>` does before the flow module's imports (torch, MLflow, Prefect:
-seconds): answer Hydra's `--help`, `--cfg` and `--info` by Hydra alone, and report to the
-project's Prefect server when `deployments/stack.sh start` runs one. Only for that command line:
-importing a flow from Python, a test or a Prefect worker is left as it is."""
+seconds): answer Hydra's `--help`, `--cfg` and `--info` by Hydra alone, report to the project's
+Prefect server when `deployments/stack.sh start` runs one, and otherwise start Prefect's
+temporary API server while the imports load. Only for that command line: importing a flow from
+Python, a test or a Prefect worker is left as it is."""
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+RUNS_A_FLOW = {"build", "deploy", "monitor", "traffic", "demo"}  # `flows.label` runs none
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc"}
 
 
@@ -76,6 +79,38 @@ def answer_without_running(config_name: str) -> None:
     sys.exit(0)
 
 
+_temporary_api: threading.Thread | None = None
+
+
+def start_temporary_api() -> None:
+    """Start the temporary API server that Prefect starts at a process's first flow call when no
+    API is configured (a uvicorn process: seconds), in a thread, so that it comes up while the
+    flow module imports torch, Lightning and MLflow. `api_ready` waits for it."""
+    global _temporary_api
+
+    def start_server() -> None:
+        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            return
+        from prefect.server.api.server import SubprocessASGIServer
+
+        try:
+            SubprocessASGIServer().start()  # the one Prefect's client finds (one per process)
+        except Exception:  # noqa: BLE001  the first flow call starts it again and reports why not
+            pass
+
+    _temporary_api = threading.Thread(target=start_server, name="prefect-temporary-api", daemon=True)
+    _temporary_api.start()
+
+
+def api_ready() -> None:
+    """Wait for the server `start_temporary_api` is starting (at once when none is): a flow call
+    before it answers would find it marked running and fail to connect."""
+    if _temporary_api is not None:
+        _temporary_api.join()
+
+
 def start() -> None:
     name = command_line_flow(getattr(sys, "orig_argv", []))
     if name is None:
@@ -85,3 +120,5 @@ def start() -> None:
         sys.argv = [f"flows.{name}", *args]
         answer_without_running(name)
     use_stack_server(args, os.environ)
+    if name in RUNS_A_FLOW and not os.environ.get("PREFECT_API_URL"):
+        start_temporary_api()

@@ -91,3 +91,35 @@ def test_a_command_line_run_reports_to_the_stack_server(tmp_path, prefect_api):
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy"])))
     assert any(run.parameters.get("overrides") == ["action=stop"] and run.parameters.get("env") == "test" for run in runs), \
         process.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_command_line_run_with_no_api_uses_the_temporary_server_started_during_its_imports(tmp_path):
+    """flows.startup starts Prefect's temporary API in a thread while flows.deploy imports; the
+    flow waits for it and runs on it: one server started, none left behind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {
+        "MLOPS_WORKSPACE": str(tmp_path / "ws"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    process = subprocess.run([sys.executable, "-X", "importtime", "-m", "flows.deploy", "env=test", "action=stop"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    lines = process.stderr.splitlines()
+    started = [i for i, line in enumerate(lines) if "Starting temporary server" in line]
+    mlflow_imported = next(i for i, line in enumerate(lines) if line.startswith("import time:") and line.endswith("| mlflow"))
+    assert len(started) == 1 and started[0] < mlflow_imported, "the server started once, before the flow's imports ended"
+    assert "Finished in state Completed()" in process.stderr
+    assert "Stopping temporary server" in process.stderr
+
+
+def test_no_temporary_server_is_started_where_an_api_is_chosen(monkeypatch):
+    from flows import startup
+
+    monkeypatch.setattr(startup, "_temporary_api", None)
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "flows.build", "env=test"])
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    startup.start()
+    assert startup._temporary_api is None
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "flows.label", "export"])  # runs no flow
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setattr(startup, "stack_api_url", lambda workspace: None)
+    startup.start()
+    assert startup._temporary_api is None
