@@ -129,13 +129,13 @@ def main() -> None:
             "gate.min_accuracy=0", "gate.min_class_recall=0", "gate.max_recall_gap=1",
             "gate.max_accuracy_drop=1.0", "gate.max_macro_f1_drop=1.0",
         ]
+        seconds, _ = fresh_process(["-m", "flows.build", "env=test", *overrides, "force=true"])
         uri = f"sqlite:///{workspace}/mlflow.db"
+        client = MlflowClient(uri, uri)  # after the fresh run: its database is created by the flow
 
         def test_accuracy(run_id: str) -> float:
-            return MlflowClient(uri, uri).get_run(run_id).data.metrics["test_accuracy"]
+            return client.get_run(run_id).data.metrics["test_accuracy"]
 
-        seconds, _ = fresh_process(["-m", "flows.build", "env=test", *overrides, "force=true"])
-        client = MlflowClient(uri, uri)
         first = client.search_runs([client.get_experiment_by_name("digits").experiment_id], max_results=1)[0]
         note(FLOW_FRESH, seconds, test_accuracy(first.info.run_id))
 
