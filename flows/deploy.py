@@ -299,7 +299,7 @@ def release_version(config: DeployConfig, registry: Registry, plan: Plan, old: L
 def bake_bounds(config: DeployConfig) -> canary.BakeBounds:
     c = config.deploy.canary
     return canary.BakeBounds(c.min_requests, c.max_error_rate_increase, c.max_p95_ratio, c.max_prediction_shift,
-                             c.max_accuracy_drop, c.min_labelled)
+                             c.max_accuracy_drop, c.min_labelled, c.alpha)
 
 
 @task(**LOCAL)

@@ -8,10 +8,11 @@ import pytest
 
 from mlops.deploy.canary import (
     ArmFigures, BakeBounds, Verdict, arms, bucket, compare_shadow, judge_bake, prediction_shift, routes_to_canary, sampled,
+    shift_p_value,
 )
 
 BOUNDS = BakeBounds(min_requests=20, max_error_rate_increase=0.01, max_p95_ratio=1.5, max_prediction_shift=0.2,
-                    max_accuracy_drop=0.05, min_labelled=10)
+                    max_accuracy_drop=0.05, min_labelled=10, alpha=0.01)
 
 
 def arm(n: int, errors: int = 0, latency: float = 10.0, classes: str = "ab", correct: float | None = None) -> ArmFigures:
@@ -69,6 +70,42 @@ def test_a_small_sample_shift_or_drop_by_chance_is_not_a_breach():
     old = arm(200, classes="abcdefghij", correct=0.9)
     new = arm(20, classes="abcdefghij"[::-1][:7], correct=0.8)
     assert judge_bake(old, new, BOUNDS, baked=True, timed_out=False).verdict is Verdict.PROMOTE
+
+
+def answers(counts: dict[int, int]) -> ArmFigures:
+    figures = ArmFigures()
+    for digit, n in counts.items():
+        for _ in range(n):
+            figures.add({"status": "ok", "latency_ms": 5.0, "prediction": str(digit)})
+    return figures
+
+
+# Two arms of the same version (digits drawn uniformly at random, seeded): a chi-square test
+# says p = 0.006 for this split; a permutation test, p = 0.016.
+CHAMPION = {0: 12, 1: 13, 2: 6, 3: 9, 4: 7, 5: 5, 6: 6, 7: 1, 8: 7, 9: 4}
+CHANCE = {0: 4, 1: 1, 2: 4, 3: 3, 4: 4, 7: 4, 8: 2, 9: 8}
+# ... and one whose permutation p is 0.0025: a breach at the bake's last look, not before.
+SHIFTED = ({0: 4, 1: 11, 2: 2, 3: 6, 4: 9, 5: 9, 6: 7, 7: 8, 8: 5, 9: 9}, {0: 5, 1: 1, 2: 4, 3: 1, 5: 2, 6: 2, 7: 4, 8: 9, 9: 2})
+
+
+def test_the_shift_p_value_is_a_permutation_test_exact_at_few_answers_per_class():
+    from scipy.stats import chi2_contingency
+
+    old, new = answers(CHAMPION), answers(CHANCE)
+    table = [[old.predictions[str(d)] for d in range(10)], [new.predictions[str(d)] for d in range(10)]]
+    assert chi2_contingency(table)[1] < 0.01 < shift_p_value(new.predictions, old.predictions) < 0.03
+    assert judge_bake(old, new, BOUNDS, baked=True, timed_out=False).verdict is Verdict.PROMOTE
+    assert shift_p_value(Counter(a=30), Counter(b=30)) < 1e-4  # nothing alike: the smallest p it gives
+    assert shift_p_value(Counter(a=3, b=3), Counter(a=30, b=30)) == 1.0
+    assert shift_p_value(Counter(a=3), Counter(a=30)) == shift_p_value(Counter(), Counter(a=1)) == 1.0
+
+
+def test_before_the_last_look_a_shift_must_be_ten_times_less_likely_by_chance():
+    old, new = answers(SHIFTED[0]), answers(SHIFTED[1])
+    assert 0.001 < shift_p_value(new.predictions, old.predictions) < 0.01
+    assert judge_bake(old, new, BOUNDS, baked=False, timed_out=False).verdict is Verdict.WAIT
+    judged = judge_bake(old, new, BOUNDS, baked=True, timed_out=False)
+    assert judged.verdict is Verdict.ROLLBACK and judged.reasons[0].startswith("prediction shift 0.462 (max 0.2, p=0.00")
 
 
 def test_too_little_traffic_waits_then_rolls_back_at_the_timeout():

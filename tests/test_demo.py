@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 LOOSE = [
     "train.max_epochs=2", "data.max_per_class=40", "gate.min_accuracy=0.3", "gate.min_class_recall=0.0",
     "gate.max_recall_gap=1.0", "gate.max_accuracy_drop=1.0", "gate.max_macro_f1_drop=1.0",
-    # the retraining build gets production's gate but per-class bounds on ~26 test images a class:
-    # digit 8 reached 19/26 (recall 0.73: gap 0.27 > 0.25, one image above min 0.7) in 2 of 4 CI runs
-    'monitor.retrain.overrides=["gate.max_recall_gap=0.5","gate.min_class_recall=0.5"]',
+    # the retraining build gets production's gate (gate/default.yaml): its per-class bounds judge
+    # the recall intervals of ~26 test images a class (digit 8 at 19/26, a 0.27 gap by the point
+    # estimates, failed 2 of 4 CI runs before gate.class_recall_confidence)
 ]
 
 

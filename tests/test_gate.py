@@ -141,3 +141,11 @@ def test_other_classes_than_production_are_refused_unless_allowed(allowed):
 def test_same_classes_add_no_check():
     report = gate(evaluation(), THRESHOLDS, Baseline("production v1", evaluation()))
     assert "same_classes_as_production" not in verdicts(report)
+
+
+def test_class_recall_bounds_take_the_configured_confidence():
+    # 7.5 of 10 images against a perfect class: a gap of 0.25 by the recalls, none that 10 images show
+    few = evaluation(recalls=(1.0, 0.75))
+    assert verdicts(gate(few, THRESHOLDS))["recall_gap"] is False
+    judged = gate(few, THRESHOLDS.model_copy(update={"class_recall_confidence": 0.95}))
+    assert judged.passed and "95% bounds" in next(c.note for c in judged.checks if c.name == "recall_gap")

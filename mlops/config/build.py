@@ -125,6 +125,9 @@ class GateThresholds(Section):
     min_accuracy: float = Field(ge=0.0, le=1.0)
     min_class_recall: float = Field(ge=0.0, le=1.0)
     max_recall_gap: float = Field(ge=0.0, le=1.0)
+    # both judged on what each class's test images can show: the bounds of its recall's interval
+    # at this confidence (Wilson score); 0 judges the recalls themselves
+    class_recall_confidence: float = Field(default=0.0, ge=0.0, lt=1.0)
     max_p95_latency_ms: float = Field(gt=0.0)
     max_accuracy_drop: float = Field(ge=0.0, le=1.0)
     max_macro_f1_drop: float = Field(ge=0.0, le=1.0)

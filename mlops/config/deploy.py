@@ -55,6 +55,7 @@ class CanarySettings(Section):
     max_prediction_shift: float = Field(ge=0.0, le=1.0)  # total variation between the class shares
     max_accuracy_drop: float = Field(ge=0.0, le=1.0)  # where /feedback labelled requests of both
     min_labelled: int = Field(ge=1)  # labelled requests per version before accuracy is judged
+    alpha: float = Field(gt=0.0, lt=1.0)  # a shift or drop over its bound must be this unlikely by chance
 
     @field_validator("steps")
     @classmethod

@@ -74,6 +74,7 @@ class TelemetryRules(Section):
 
 class BiasRules(Section):
     max_recall_gap: float = Field(ge=0.0, le=1.0)
+    class_recall_confidence: float = Field(default=0.0, ge=0.0, lt=1.0)  # as the build gate's
     max_prediction_shift: float = Field(ge=0.0, le=1.0)
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 ROUTE_HEADER = "x-route-key"
 BUCKETS = 10_000
-ALPHA = 0.01  # a shift or accuracy drop over its bound must also be this unlikely by chance
+INTERIM = 10  # before a bake is served, a breach by chance must be this many times less likely
+RESAMPLES = 19_999  # draws of the permutation test: p-values down to 1 / 20,000
 
 
 class Role(StrEnum):
@@ -101,13 +102,21 @@ def prediction_shift(a: Counter, b: Counter) -> float:
 
 
 def shift_p_value(a: Counter, b: Counter) -> float:
-    """Chi-square test that both class distributions are the same (1.0 when nothing to test)."""
-    from scipy.stats import chi2_contingency
-
-    classes = sorted(c for c in set(a) | set(b) if a[c] + b[c] > 0)
-    if len(classes) < 2 or not sum(a.values()) or not sum(b.values()):
+    """The chance that two arms of the same version differ by this total variation or more: a
+    permutation test (the pooled answers split at random into arms of these sizes, drawn as
+    multivariate hypergeometric counts, so its cost does not grow with the requests). Exact at
+    the few answers per class of a short bake, where a chi-square test's p-values are far too
+    small; seeded, so the same figures give the same verdict."""
+    classes = sorted(set(a) | set(b))
+    counts_a, counts_b = np.array([a[c] for c in classes]), np.array([b[c] for c in classes])
+    total_a, total_b = int(counts_a.sum()), int(counts_b.sum())
+    if len(classes) < 2 or not total_a or not total_b:
         return 1.0
-    return float(chi2_contingency([[a[c] for c in classes], [b[c] for c in classes]])[1])
+    pooled = counts_a + counts_b
+    drawn = np.random.default_rng(0).multivariate_hypergeometric(pooled, total_a, size=RESAMPLES)
+    shifts = 0.5 * np.abs(drawn / total_a - (pooled - drawn) / total_b).sum(axis=1)
+    as_large = np.count_nonzero(shifts >= prediction_shift(a, b) - 1e-12)
+    return float((1 + as_large) / (RESAMPLES + 1))
 
 
 def drop_p_value(old: ArmFigures, new: ArmFigures) -> float:
@@ -132,6 +141,7 @@ class BakeBounds:
     max_prediction_shift: float
     max_accuracy_drop: float
     min_labelled: int
+    alpha: float  # a shift or accuracy drop over its bound must also be this unlikely by chance
 
 
 @dataclass(frozen=True)
@@ -146,12 +156,16 @@ def judge_bake(old: ArmFigures, new: ArmFigures, bounds: BakeBounds, baked: bool
     A breach rolls back at once (no need to wait the bake out). Error rate is judged as soon as
     the new version has `min_requests`; latency, prediction shift and accuracy also need the old
     version's figures (accuracy only once both have `min_labelled` labels). A prediction shift or
-    accuracy drop is a breach when it is over its bound and unlikely by chance (p < ALPHA): small
-    samples of ten classes differ by 0.2 in total variation with nothing changed. Promotion needs the
-    bake time served and `min_requests`; a bake that times out without them rolls back.
+    accuracy drop is a breach when it is over its bound and unlikely by chance: small samples of ten
+    classes differ by 0.2 in total variation with nothing changed. The flow asks at every poll, so
+    the looks before the last (the one that would promote) need p < alpha / INTERIM, and the last
+    p < alpha (a Haybittle-Peto boundary): a test at alpha at each of a bake's many looks would roll
+    back a good version several times more often than alpha. Promotion needs the bake time served
+    and `min_requests`; a bake that times out without them rolls back.
     """
     breaches = []
     enough = new.requests >= bounds.min_requests
+    level = bounds.alpha if baked and enough else bounds.alpha / INTERIM
     if enough and new.error_rate - old.error_rate > bounds.max_error_rate_increase:
         breaches.append(f"error rate {new.error_rate:.3f} vs {old.error_rate:.3f}"
                         f" (max increase {bounds.max_error_rate_increase})")
@@ -159,11 +173,11 @@ def judge_bake(old: ArmFigures, new: ArmFigures, bounds: BakeBounds, baked: bool
         if new.p95_ms is not None and old.p95_ms and new.p95_ms > bounds.max_p95_ratio * old.p95_ms:
             breaches.append(f"p95 latency {new.p95_ms:.1f} ms vs {old.p95_ms:.1f} ms (max ratio {bounds.max_p95_ratio})")
         shift = prediction_shift(new.predictions, old.predictions)
-        if shift > bounds.max_prediction_shift and (p := shift_p_value(new.predictions, old.predictions)) < ALPHA:
+        if shift > bounds.max_prediction_shift and (p := shift_p_value(new.predictions, old.predictions)) < level:
             breaches.append(f"prediction shift {shift:.3f} (max {bounds.max_prediction_shift}, p={p:.2g})")
     if min(new.labelled, old.labelled) >= bounds.min_labelled:
         drop = old.accuracy - new.accuracy
-        if drop > bounds.max_accuracy_drop and (p := drop_p_value(old, new)) < ALPHA:
+        if drop > bounds.max_accuracy_drop and (p := drop_p_value(old, new)) < level:
             breaches.append(f"accuracy {new.accuracy:.3f} vs {old.accuracy:.3f} (max drop {bounds.max_accuracy_drop},"
                             f" p={p:.2g})")
     if breaches:

@@ -213,7 +213,7 @@ def bias_checks(traffic: Traffic, reference: Reference | None, classes: list[str
         checks.append(skipped("recall_gap", f"not enough labels: {len(frame)} < {config.performance.min_labels}"))
     else:
         scores = classification(frame["label"], frame["prediction"], classes)
-        checks.append(recall_gap_check(scores.per_class, rules.max_recall_gap))
+        checks.append(recall_gap_check(scores.per_class, rules.max_recall_gap, rules.class_recall_confidence))
     if reference is None or not len(traffic.served):
         checks.append(skipped("prediction_shift", "no reference or no answered requests"))
     else:

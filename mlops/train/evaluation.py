@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlops.checks import Check, Classification, Report, classification, compare, recall_gap_check
+from mlops.checks import (
+    Check, Classification, Report, classification, compare, min_class_recall_check, recall_gap_check,
+)
 from mlops.config import GateThresholds
 from mlops.serve.inference import OnnxClassifier, load_array
 
@@ -159,12 +161,11 @@ def gate(
 ) -> Report:
     """Absolute bounds on `new`, then change bounds against the baseline (same test split), then
     the gain on the production holdout when the build has one."""
-    recalls = {name: scores["recall"] for name, scores in new.per_class.items()}
-    worst = min(recalls, key=recalls.get)
+    confidence = thresholds.class_recall_confidence
     checks = [
         compare("accuracy", new.accuracy, ">=", thresholds.min_accuracy),
-        compare("min_class_recall", recalls[worst], ">=", thresholds.min_class_recall, f"worst class '{worst}'"),
-        recall_gap_check(new.per_class, thresholds.max_recall_gap),
+        min_class_recall_check(new.per_class, thresholds.min_class_recall, confidence),
+        recall_gap_check(new.per_class, thresholds.max_recall_gap, confidence),
         compare("p95_latency_ms", new.latency_p95_ms, "<=", thresholds.max_p95_latency_ms, "ONNX, 1 image/call"),
     ]
     production = baseline.evaluation if baseline else None
