@@ -239,3 +239,12 @@ def test_output_and_embedding_drift_and_the_estimate_on_recorded_vectors(config)
 
     expected = calibrated(np.asarray(window.served["logits"].tolist()), 1.5).max(axis=1).mean()
     assert estimate.value == pytest.approx(expected, abs=1e-6) and "temperature 1.5" in estimate.note
+
+
+def test_the_recall_gap_on_production_labels_judges_what_they_can_show(config):
+    window = traffic(100, labels=40)  # every fourth label 'cat' whatever the answer: dog recall about 0.7
+    for confidence, verdict in ((0.0, "FAIL"), (0.95, "pass")):
+        settings = config.model_copy(update={"bias": config.bias.model_copy(
+            update={"max_recall_gap": 0.1, "class_recall_confidence": confidence})})
+        (gap,) = [c for c in monitoring.bias_checks(window, None, CLASSES, settings) if c.name == "recall_gap"]
+        assert gap.verdict == verdict and ("95% bounds" in gap.note) == bool(confidence)
