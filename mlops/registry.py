@@ -113,9 +113,55 @@ def pip_requirements() -> list[str]:
     return sorted([f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", *mlflow.onnx.get_default_pip_requirements()])
 
 
+def store_template_dir() -> Path:
+    """Where empty sqlite MLflow stores are kept, one per MLflow version: the user's cache folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlops"
+
+
+def seed_sqlite_store(uri: str, templates: Path) -> bool:
+    """Give a new sqlite MLflow database its tables by copying an empty one made for this MLflow
+    version, instead of MLflow running its schema migrations one by one (about 2 s in every new
+    workspace, and in every test that makes one). MLflow then adds its default experiment, with
+    this store's artifact location, as it does in a database it created. An existing file is never
+    touched, and anything unusual (a query string, no such folder, a cache that cannot be written,
+    an MLflow without `_initialize_tables`) leaves the database to MLflow as before. Returns whether
+    it seeded."""
+    import mlflow
+
+    if not uri.startswith("sqlite:///") or "?" in uri:
+        return False
+    target = Path(uri.removeprefix("sqlite:///"))
+    if target.exists() or not target.parent.is_dir():
+        return False
+    template = templates / f"mlflow-{mlflow.__version__}-empty.db"
+    try:
+        if not template.exists():
+            import sqlalchemy
+            from mlflow.store.db.utils import _initialize_tables
+
+            templates.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=templates) as scratch:
+                made = Path(scratch) / "empty.db"
+                engine = sqlalchemy.create_engine(f"sqlite:///{made}")
+                _initialize_tables(engine)
+                engine.dispose()
+                os.replace(made, template)  # whole or not at all, for another process making it too
+        copy = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        copy.write_bytes(template.read_bytes())  # the permissions MLflow's own file would get
+        try:
+            os.link(copy, target)  # fails if the database appeared meanwhile: that one is kept
+        finally:
+            copy.unlink()
+    except (ImportError, OSError) as error:
+        log.debug("MLflow creates %s itself (no empty store to copy: %s)", target, error)
+        return False
+    return True
+
+
 class Registry:
     def __init__(self, settings: MlflowConfig):
         self.settings = settings
+        seed_sqlite_store(settings.tracking_uri, store_template_dir())
         self.client = MlflowClient(settings.tracking_uri, settings.tracking_uri)
         self.model = settings.registered_model
 
