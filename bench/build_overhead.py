@@ -19,6 +19,8 @@ times, interleaved round by round, and the table gives the median and the range:
 
 from __future__ import annotations
 
+import offline  # noqa: F401  bench/offline.py: before anything imports Prefect
+
 import argparse
 import logging
 import statistics

@@ -27,6 +27,8 @@ process; no server.
 
 from __future__ import annotations
 
+import offline  # noqa: F401  bench/offline.py: before anything imports Prefect
+
 import argparse
 import io
 import sys

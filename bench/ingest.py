@@ -25,6 +25,8 @@ input pipeline at least 0.9x the bare loop.
 
 from __future__ import annotations
 
+import offline  # noqa: F401  bench/offline.py: before anything imports Prefect
+
 import argparse
 import logging
 import os

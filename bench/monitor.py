@@ -14,6 +14,8 @@ whylogs drift scores of the current window against a reference:
 
 from __future__ import annotations
 
+import offline  # noqa: F401  bench/offline.py: before anything imports Prefect
+
 import argparse
 import json
 import tempfile

@@ -37,6 +37,8 @@ with the results (in cores: CPU seconds per wall second).
 
 from __future__ import annotations
 
+import offline  # noqa: F401  bench/offline.py: before anything imports Prefect
+
 import argparse
 import io
 import json

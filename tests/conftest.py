@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # tests talk to 127.0.0.1 only:
+os.environ.setdefault("DO_NOT_TRACK", "1")  # no telemetry from Prefect's servers or its SDK
 
 
 @pytest.fixture(scope="session")

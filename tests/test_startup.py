@@ -124,3 +124,20 @@ def test_no_temporary_server_is_started_where_an_api_is_chosen(monkeypatch):
     monkeypatch.setattr(startup, "stack_api_url", lambda workspace: None)
     startup.start()
     assert startup._temporary_api is None
+
+
+def test_a_command_line_run_skips_the_last_garbage_collection(monkeypatch):
+    import atexit
+    import gc
+
+    from flows import startup
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "flows.build", "env=test"])
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no temporary server
+    startup.start()
+    assert registered == [gc.freeze]
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "pytest"])  # not a flow's command line
+    startup.start()
+    assert registered == [gc.freeze]
