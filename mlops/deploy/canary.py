@@ -104,9 +104,10 @@ def prediction_shift(a: Counter, b: Counter) -> float:
 def shift_p_value(a: Counter, b: Counter) -> float:
     """The chance that two arms of the same version differ by this total variation or more: a
     permutation test (the pooled answers split at random into arms of these sizes, drawn as
-    multivariate hypergeometric counts, so its cost does not grow with the requests). Exact at
-    the few answers per class of a short bake, where a chi-square test's p-values are far too
-    small; seeded, so the same figures give the same verdict."""
+    multivariate hypergeometric counts, so its cost does not grow with the requests). Valid at
+    the few answers per class of a short bake, where a chi-square test's approximation is not
+    (tests/test_canary.py holds a split it puts at 0.006, against 0.016); seeded, so the same
+    figures give the same verdict."""
     classes = sorted(set(a) | set(b))
     counts_a, counts_b = np.array([a[c] for c in classes]), np.array([b[c] for c in classes])
     total_a, total_b = int(counts_a.sum()), int(counts_b.sum())
