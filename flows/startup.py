@@ -88,16 +88,18 @@ _temporary_api: threading.Thread | None = None
 def start_temporary_api() -> None:
     """Start the temporary API server that Prefect starts at a process's first flow call when no
     API is configured (a uvicorn process: seconds), in a thread, so that it comes up while the
-    flow module imports torch, Lightning and MLflow. `api_ready` waits for it."""
+    flow module imports torch, Lightning and MLflow. `api_ready` waits for it. The server's module
+    (2.5 s) is imported here, before those imports: imported in the thread beside them, it
+    started the server process 3.3 s into a build's command instead of 2.2 s."""
     global _temporary_api
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    import prefect.main  # noqa: F401  Prefect's logging set up, as `from prefect import flow` does: its start is logged
+    from prefect.server.api.server import SubprocessASGIServer
 
     def start_server() -> None:
-        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-            return
-        from prefect.server.api.server import SubprocessASGIServer
-
         try:
             SubprocessASGIServer().start()  # the one Prefect's client finds (one per process)
         except Exception:  # noqa: BLE001  the first flow call starts it again and reports why not
