@@ -35,10 +35,8 @@ from mlops.serve import decoding, inference  # noqa: E402
 from mlops.serve.features import image_features  # noqa: E402
 from mlops.train import packaging  # noqa: E402
 from table import print_table  # noqa: E402  bench/table.py
+from serving import CAMERA, MODELS  # noqa: E402  bench/serving.py: the same models and camera size
 
-MODELS = {"32": ("resnet18", 32), "128": ("resnet18", 128), "224": ("resnet18", 224),
-          "m128": ("mobilenet_v3_small", 128), "m224": ("mobilenet_v3_small", 224)}
-CAMERA = (640, 480)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OPSET = 18  # conf/build.yaml's export.opset
 
@@ -78,10 +76,10 @@ def best_ms(function, items: list, passes: int) -> float:
 
 
 def stages(key: str, folder: Path, args: argparse.Namespace) -> list[object]:
-    name, size = MODELS[key]
+    name, size, sent = MODELS[key]
     model = inference.OnnxClassifier(export(name, size, folder), threads=args.threads, spinning=False)
-    kind = "PNG" if size == 32 else "JPEG"
-    raw = images(args.images, (32, 32) if size == 32 else CAMERA, kind)
+    kind = sent.upper()
+    raw = images(args.images, (32, 32) if sent == "png" else CAMERA, kind)
 
     def decode(data: bytes):
         return decoding.decode(data, ("JPEG", "PNG"), 10**8, None, size)

@@ -188,10 +188,8 @@ def min_class_recall_check(per_class: dict[str, dict[str, float]], bound: float,
     if not tops:
         return skipped("min_class_recall", "no class has any labelled example")
     worst = min(tops, key=tops.get)
-    if not confidence:
-        return compare("min_class_recall", tops[worst], ">=", bound, f"worst class '{worst}'")
-    return compare("min_class_recall", tops[worst], ">=", bound,
-                   f"worst class '{worst}' {_share(per_class[worst])}: {confidence:.0%} upper bound")
+    note = f"worst class '{worst}'" + (f" {_share(per_class[worst])}: {confidence:.0%} upper bound" if confidence else "")
+    return compare("min_class_recall", tops[worst], ">=", bound, note)
 
 
 def recall_gap_check(per_class: dict[str, dict[str, float]], max_gap: float, confidence: float) -> Check:
@@ -202,10 +200,10 @@ def recall_gap_check(per_class: dict[str, dict[str, float]], max_gap: float, con
         return skipped("recall_gap", "no class has any labelled example")
     best = max(intervals, key=lambda name: intervals[name][0])
     worst = min(intervals, key=lambda name: intervals[name][1])
-    gap = max(0.0, intervals[best][0] - intervals[worst][1])
-    if not confidence:
-        return compare("recall_gap", gap, "<=", max_gap,
-                       f"'{best}' {intervals[best][0]:.3f} - '{worst}' {intervals[worst][1]:.3f}")
-    return compare("recall_gap", gap, "<=", max_gap,
-                   f"'{best}' {_share(per_class[best])} at least {intervals[best][0]:.3f} - '{worst}' "
-                   f"{_share(per_class[worst])} at most {intervals[worst][1]:.3f} ({confidence:.0%} bounds)")
+    low, high = intervals[best][0], intervals[worst][1]
+    if confidence:
+        note = (f"'{best}' {_share(per_class[best])} at least {low:.3f} - '{worst}' {_share(per_class[worst])}"
+                f" at most {high:.3f} ({confidence:.0%} bounds)")
+    else:
+        note = f"'{best}' {low:.3f} - '{worst}' {high:.3f}"
+    return compare("recall_gap", max(0.0, low - high), "<=", max_gap, note)
